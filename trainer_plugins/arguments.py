@@ -34,9 +34,15 @@ class _PluginArgumentsBase(TrainingArguments):
         # Our checks first: TrainingArguments.__post_init__ may build DeepSpeed configs and would
         # fail later and less clearly on a wrongly typed value.
         hints = get_type_hints(type(self))
+        plugin_flags = {n for names in self._plugin_fields.values() for n in names}
         for f in dataclasses.fields(self):
-            if f.init:
-                setattr(self, f.name, check_value(f.name, hints[f.name], getattr(self, f.name)))
+            value = getattr(self, f.name)
+            if f.name in plugin_flags:
+                setattr(self, f.name, check_value(f.name, hints[f.name], value))
+            elif value is not None and _scalar(hints[f.name]) is not None:
+                # TrainingArguments' own fields: only numbers and booleans, whose annotations are exact
+                # (YAML reads 5e-5 as a string); transformers checks the rest itself.
+                setattr(self, f.name, check_value(f.name, _scalar(hints[f.name]), value))
         super().__post_init__()
 
     def plugin_args(self, name: str) -> Any:
@@ -184,6 +190,12 @@ def _convert(hint: Any, value: Any) -> Any:
     return _UNCHECKED
 
 
+def _scalar(hint: Any) -> Any:
+    """int, float or bool if ``hint`` is one of them or Optional of one, else None."""
+    members = [a for a in get_args(hint) if a is not type(None)] if get_origin(hint) in (Union, types.UnionType) else [hint]
+    return members[0] if len(members) == 1 and members[0] in (int, float, bool) else None
+
+
 def _describe(hint: Any) -> str:
     names = [getattr(a, "__name__", str(a)) for a in get_args(hint) if a is not type(None)]
     return " or ".join(names) or str(hint)
@@ -199,12 +211,13 @@ class PluginArgumentParser(HfArgumentParser):
             return super()._add_dataclass_arguments(dtype)
         host = dtype._host
         hints = get_type_hints(dtype)
+        training = self.add_argument_group("training arguments (transformers.TrainingArguments)")
         groups = {}
         for name, names in plugin_fields.items():
             spec = host.specs.get(name)
             title = f"plugin {name} {host.versions.get(name, '')}".rstrip()
-            groups.update({n: self.add_argument_group(title, spec.description if spec else None) for n in names})
-        training = self.add_argument_group("training arguments (transformers.TrainingArguments)")
+            group = self.add_argument_group(title, spec.description if spec else None)
+            groups.update(dict.fromkeys(names, group))
         for f in dataclasses.fields(dtype):
             if f.init:
                 f.type = hints[f.name]
@@ -248,6 +261,15 @@ def unknown_key_message(key: str, valid: list[str], host: PluginHost) -> str:
         return msg + f": plugin '{prefix}' is {host.blocked[prefix]}"
     installed = ", ".join(sorted(n for n in host.specs if n != "host")) or "none"
     return msg + f"; no installed plugin provides it (installed plugins: {installed}; see `trainer-plugins list`)"
+
+
+def arguments_class(host: PluginHost | None = None) -> type:
+    """The PluginTrainingArguments class of ``host`` (the process-wide one by default)."""
+    if host is None or host is get_host():
+        return PluginTrainingArguments
+    if getattr(host, "_arguments_class", None) is None:
+        host._arguments_class = build_arguments_class(host)
+    return host._arguments_class
 
 
 PluginTrainingArguments = build_arguments_class(get_host())

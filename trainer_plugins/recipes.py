@@ -52,12 +52,13 @@ class Recipe:
     model_config: Any = None
 
 
-def parser():
-    from .arguments import PluginArgumentParser, PluginTrainingArguments
+def parser(host=None):
+    """The parser of every recipe key: model, data, training (with the plugins of ``host``) and run."""
+    from .arguments import PluginArgumentParser, arguments_class
     from .data import DataArguments
     from .models import ModelArguments
 
-    return PluginArgumentParser((ModelArguments, DataArguments, PluginTrainingArguments, RunArguments))
+    return PluginArgumentParser((ModelArguments, DataArguments, arguments_class(host), RunArguments))
 
 
 def read_recipe(path: str | os.PathLike) -> dict:
@@ -126,7 +127,7 @@ def parse_overrides(argv: list[str]) -> dict:
 
 
 def load_recipe(path_or_dict: str | os.PathLike | dict, overrides: list[str] | dict | None = None,
-                load_config: bool = True) -> Recipe:
+                load_config: bool = True, host=None) -> Recipe:
     """Parse and validate a recipe; nothing heavier than the model's config is loaded."""
     if isinstance(path_or_dict, dict):
         source, flat = "<dict>", flatten(path_or_dict)
@@ -134,7 +135,7 @@ def load_recipe(path_or_dict: str | os.PathLike | dict, overrides: list[str] | d
         source, flat = str(path_or_dict), read_recipe(path_or_dict)
     if overrides:
         flat.update(overrides if isinstance(overrides, dict) else parse_overrides(overrides))
-    p = parser()
+    p = parser(host)
     p.check_keys(flat)
     try:
         model_args, data_args, args, run_args = p.parse_dict(flat)
@@ -149,7 +150,6 @@ def load_recipe(path_or_dict: str | os.PathLike | dict, overrides: list[str] | d
 
 def validate_recipe(recipe: Recipe, load_config: bool = True) -> None:
     from .data import validate_data_args
-    from .manager import get_host
     from .models import load_model_config, validate_model_args
     from .trainer import validate_run
 
@@ -157,7 +157,7 @@ def validate_recipe(recipe: Recipe, load_config: bool = True) -> None:
     validate_data_args(recipe.data_args)
     if load_config:
         recipe.model_config = load_model_config(recipe.model_args)
-    validate_run(get_host(), recipe.args, recipe.model_args, recipe.model_config)
+    validate_run(recipe.args._host, recipe.args, recipe.model_args, recipe.model_config)
 
 
 def resolved_config(recipe: Recipe) -> dict:
@@ -179,11 +179,11 @@ def run_recipe(recipe: Recipe) -> dict:
     from transformers import set_seed
 
     from .data import build_datasets, data_collator
-    from .manager import get_host
     from .models import load_tokenizer
     from .trainer import PluginTrainer
 
-    host, args = get_host(), recipe.args
+    args = recipe.args
+    host = args._host
     set_seed(args.seed)
     tokenizer = load_tokenizer(recipe.model_args)
     model = host.call_first("load_model", args, model_args=recipe.model_args)

@@ -1,0 +1,60 @@
+import os
+import sys
+
+import pytest
+
+# tests/host/probe_plugin.py and friends are importable as plain modules.
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "host"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def tiny_model():
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from trainer_plugins.models import tiny_llama_config
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_llama_config())
+
+
+@pytest.fixture
+def token_dataset():
+    """64 random sequences of 32 tokens (vocab 1000), as the Trainer wants them."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1000, (64, 32), generator=g)
+    return [{"input_ids": row.tolist(), "labels": row.tolist()} for row in ids]
+
+
+@pytest.fixture
+def probe_host():
+    import probe_plugin
+
+    from trainer_plugins.manager import PluginHost
+
+    probe_plugin.CALLS.clear()
+    return PluginHost(load_entrypoints=False, plugins=[("probe", probe_plugin)])
+
+
+@pytest.fixture
+def deepspeed_env(monkeypatch):
+    """In-process DeepSpeed: a one-process gloo group, and the global state reset afterwards
+    (TrainingArguments(deepspeed=...) leaves ACCELERATE_USE_DEEPSPEED and a global HF DeepSpeed config)."""
+    import importlib
+
+    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1").items():
+        monkeypatch.setenv(k, v)
+    importlib.import_module("deepspeed.comm.torch")
+    # Skip the 30-50 s JIT build of the shared-memory op DeepSpeed builds at init on CPU.
+    monkeypatch.setattr(sys.modules["deepspeed.comm.torch"], "build_shm_op", lambda: None)
+    yield
+    from accelerate.state import AcceleratorState
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+    AcceleratorState._reset_state(True)
+    unset_hf_deepspeed_config()
