@@ -43,8 +43,9 @@ _TOKENIZE_BATCH = 4  # documents per tokenizer call: parallel in Rust, and a sma
 class DataArguments:
     dataset: str = field(
         default="stdlib",
-        metadata={"help": "'stdlib' (the installed Python standard library's .py files, offline), a .txt/.jsonl/.json "
-                          "file, a directory of .txt/.md/.py files, or a Hugging Face dataset name (needs `datasets`)."},
+        metadata={"help": "'stdlib' (the installed Python standard library's .py files, offline), a .txt/.jsonl/"
+                          ".json file, a directory of .txt/.md/.py files, or a Hugging Face dataset name "
+                          "(needs `datasets`)."},
     )
     dataset_config: Optional[str] = field(
         default=None, metadata={"help": "Configuration name of a Hugging Face dataset."}
@@ -229,7 +230,8 @@ def _hf_corpus(a: DataArguments) -> _Corpus:
     try:
         ds = datasets.load_dataset(a.dataset, a.dataset_config, split=a.dataset_split)
     except (FileNotFoundError, ConnectionError, ValueError) as exc:
-        raise ConfigError(f"could not load {where} (config {a.dataset_config}, split {a.dataset_split}): {exc}") from exc
+        raise ConfigError(f"could not load {where} (config {a.dataset_config}, split {a.dataset_split}): "
+                          f"{exc}") from exc
     column, is_chat = _pick_column(ds.column_names, a, where)
     # Keyed by row index: hashing content would read every row, and the caps are there to avoid that.
     return _Corpus(a.dataset, is_chat, list(range(len(ds))),
@@ -287,7 +289,8 @@ class TokenizedDataset(torch.utils.data.Dataset):
         return self.examples[index]
 
 
-def build_datasets(data_args: DataArguments, tokenizer, seed: int = 42) -> tuple[TokenizedDataset, Optional[TokenizedDataset]]:
+def build_datasets(data_args: DataArguments, tokenizer,
+                   seed: int = 42) -> tuple[TokenizedDataset, Optional[TokenizedDataset]]:
     """(train, eval) datasets; eval is None when eval_fraction is 0. Deterministic for a given seed."""
     a = data_args
     validate_data_args(a)

@@ -183,18 +183,18 @@ def test_chat_rows_train_only_on_assistant_replies(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in CHATS])
     train, evaluation = build_datasets(DataArguments(dataset=path, eval_fraction=0.0), tokenizer)
     assert evaluation is None
-    assert [trained_spans(ex, tokenizer) for ex in train] == [
+    assert sorted(trained_spans(ex, tokenizer) for ex in train) == [
         ["4.<|im_end|>"], ["Blue, like the sky.<|im_end|>", "Green<|im_end|>"]]
     whole = tokenizer.apply_chat_template(CHATS[1], tokenize=False)
-    assert tokenizer.decode(train[1]["input_ids"]) == whole
+    assert whole in {tokenizer.decode(ex["input_ids"]) for ex in train}
 
 
 def test_chat_rows_are_truncated(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in CHATS])
-    train, _ = build_datasets(DataArguments(dataset=path, eval_fraction=0.0, max_seq_length=40), tokenizer)
-    # The system prompt alone is ~20 tokens: the first chat fits, the second keeps part of its first reply.
-    assert all(len(ex["input_ids"]) <= 40 for ex in train)
-    assert trained_spans(train[0], tokenizer) == ["4.<|im_end|>"]
+    train, _ = build_datasets(DataArguments(dataset=path, eval_fraction=0.0, max_seq_length=32), tokenizer)
+    # 32 tokens: the first chat's prompt fills them (row dropped); the second keeps its first reply only.
+    assert len(train) == 1 and len(train[0]["input_ids"]) == 32
+    assert trained_spans(train[0], tokenizer) == ["Blue, like the sky.<|im_end|>"]
 
 
 def test_hugging_face_dataset_rows(monkeypatch, tokenizer):
