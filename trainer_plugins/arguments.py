@@ -190,6 +190,14 @@ def _convert(hint: Any, value: Any) -> Any:
     return _UNCHECKED
 
 
+def check_dataclass(obj: Any) -> None:
+    """check_value on every field of a plain dataclass instance, converting in place."""
+    hints = get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        if f.init:
+            setattr(obj, f.name, check_value(f.name, hints[f.name], getattr(obj, f.name)))
+
+
 def _scalar(hint: Any) -> Any:
     """int, float or bool if ``hint`` is one of them or Optional of one, else None."""
     members = [a for a in get_args(hint) if a is not type(None)] if get_origin(hint) in (Union, types.UnionType) else [hint]

