@@ -229,11 +229,24 @@ def load_model(model_args: ModelArguments, *, zero3: bool = False):
         kwargs["attn_implementation"] = model_args.attn_implementation
     if model_args.model_init == "random":
         return AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    if zero3 and not model_args.load_in_4bit:
+        _init_deepspeed_comm()
     if model_args.load_in_4bit:
         kwargs["quantization_config"] = quantization_config(model_args, zero3=zero3)
         if not torch.cuda.is_available():
             kwargs["device_map"] = "cpu"
     return AutoModelForCausalLM.from_pretrained(_source(model_args), config=config, dtype=dtype, **kwargs)
+
+
+def _init_deepspeed_comm() -> None:
+    """from_pretrained partitions the model with deepspeed.zero.Init under ZeRO-3, which reads the world
+    size from deepspeed.comm. accelerate has initialised torch.distributed but not deepspeed.comm yet
+    (the Trainer does that later); without this, zero.Init sees one process and rejects the batch sizes."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
 
 
 def tiny_llama_config(**overrides):

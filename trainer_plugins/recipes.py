@@ -200,15 +200,20 @@ def run_recipe(recipe: Recipe) -> dict:
     results: dict = {"recipe": recipe.source, "config": resolved_config(recipe),
                      "plugins": [n for n in host.enabled(args) if n != "host"]}
     if eval_ds is not None and recipe.run_args.eval_before_training:
-        results["before"] = _eval(trainer)
+        # Inside train(), after DeepSpeed has wrapped the model: evaluate() before train() only works
+        # with ZeRO-3 (transformers' "ZeRO inference"), eval_on_start works with every stage.
+        args.eval_on_start = True
     if recipe.run_args.sample_prompt:
         results["sample_before"] = sample(trainer.model, tokenizer, recipe.run_args)
     start = time.perf_counter()
     train_out = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     results["train"] = {"seconds": round(time.perf_counter() - start, 1), "steps": train_out.global_step,
                         "train_loss": train_out.training_loss}
+    if args.eval_on_start:
+        first = next(h for h in trainer.state.log_history if "eval_loss" in h)
+        results["before"] = _metrics(first["eval_loss"])
     if eval_ds is not None:
-        results["after"] = _eval(trainer)
+        results["after"] = _metrics(trainer.evaluate()["eval_loss"])
     if recipe.run_args.sample_prompt:
         results["sample_after"] = sample(trainer.model, tokenizer, recipe.run_args)
     if recipe.run_args.save_final_model:
@@ -221,9 +226,7 @@ def run_recipe(recipe: Recipe) -> dict:
     return results
 
 
-def _eval(trainer) -> dict:
-    metrics = trainer.evaluate()
-    loss = metrics["eval_loss"]
+def _metrics(loss: float) -> dict:
     return {"eval_loss": loss, "perplexity": math.exp(loss) if loss < 50 else float("inf")}
 
 
