@@ -10,12 +10,13 @@ model's config, not the model); ``run_recipe`` loads, evaluates, trains, evaluat
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import math
 import os
 import time
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -50,6 +51,7 @@ class Recipe:
     args: Any  # PluginTrainingArguments
     run_args: RunArguments
     source: str = "<dict>"
+    given: tuple[str, ...] = ()  # the keys the recipe and its overrides set
     model_config: Any = None
 
 
@@ -148,7 +150,7 @@ def load_recipe(path_or_dict: str | os.PathLike | dict, overrides: list[str] | d
         raise
     except (ValueError, TypeError, OSError) as exc:
         raise ConfigError(f"recipe {source}: {exc}") from exc
-    recipe = Recipe(model_args, data_args, args, run_args, source=source)
+    recipe = Recipe(model_args, data_args, args, run_args, source=source, given=tuple(flat))
     validate_recipe(recipe, load_config=load_config)
     return recipe
 
@@ -166,17 +168,19 @@ def validate_recipe(recipe: Recipe, load_config: bool = True) -> None:
 
 
 def resolved_config(recipe: Recipe) -> dict:
-    """The keys that differ from their defaults, by section (for --dry-run and results.json)."""
+    """The keys the recipe and the overrides set, by section, with their parsed values (for --dry-run and
+    results.json). Everything else is at its default."""
     out = {}
     for name, obj in zip(SECTIONS, (recipe.model_args, recipe.data_args, recipe.args, recipe.run_args)):
-        section = {}
-        for f in fields(obj):
-            value = getattr(obj, f.name)
-            default = f.default_factory() if f.default_factory is not MISSING else f.default
-            if f.init and value != default and not f.name.startswith("_"):
-                section[f.name] = value if isinstance(value, (int, float, str, bool, list, dict, type(None))) else str(value)
-        out[name] = section
+        names = {f.name for f in fields(obj) if f.init}
+        out[name] = {k: _plain(getattr(obj, k)) for k in recipe.given if k in names}
     return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value if isinstance(value, (int, float, str, bool, list, dict, type(None))) else str(value)
 
 
 def run_recipe(recipe: Recipe) -> dict:
