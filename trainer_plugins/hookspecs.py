@@ -14,7 +14,7 @@ Order of a training run::
     callbacks                        when the Trainer is built
     create_optimizer                 inside Trainer.create_optimizer, so DeepSpeed gets it too
     save_model                       whenever the Trainer writes model weights (checkpoints and final)
-    export                           once, after training ends
+    export                           after the final save_model (not after checkpoints)
 
 Only the plugins the user enabled (their switch flag is on) are called, except for ``plugin_spec``
 and ``register_commands``; the host enforces this, so an implementation need not check its switch.
@@ -122,8 +122,10 @@ def save_model(trainer, output_dir, state_dict, checkpoint):
 
 @hookspec
 def export(trainer, output_dir):
-    """Write final artefacts after training ends (recovered adapters, merged weights, reports).
+    """Write final artefacts next to the saved model (recovered adapters, merged weights, reports).
 
+    Called at the end of ``trainer.save_model(output_dir)`` when ``output_dir`` is not a
+    ``checkpoint-N`` folder, i.e. after the final save (the recipe runner saves once training ends).
     Runs on every process (ZeRO-3 needs all ranks to gather parameters); write files only where
-    ``trainer.is_world_process_zero()``. Called after the final model is saved to ``output_dir``.
+    ``trainer.is_world_process_zero()``.
     """
