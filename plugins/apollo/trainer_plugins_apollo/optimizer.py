@@ -1,0 +1,259 @@
+"""APOLLO and APOLLO-Mini ("SGD-like memory, AdamW-level performance", MLSys'25) in plain torch.
+
+For a weight W (m x n) with gradient G, rank r, refresh gap T, scale sigma:
+
+    P    random projection of the smaller side, entries N(0,1)/sqrt(r), drawn from a seeded generator,
+         redrawn every T steps (seed <- next_seed(seed)); m >= n: R = G P^T (m x r), else R = P^T G (r x n)
+    M, V Adam moments of R (no bias correction inside):  N = M / (sqrt(V) + eps)
+    s    channel: ||N_c|| / (||R_c|| + 1e-8) per row (m >= n) or column (m < n); tensor: ||N|| / (||R|| + 1e-8)
+    U    = G * s                         the RAW gradient, rescaled (never a back-projection)
+    NL   norm-growth limiter: ||U|| may grow at most 1.01x per step (first step sets the reference)
+    W   <- W - lr * sqrt(1 - b2^t) / (1 - b1^t) * sqrt(sigma) * NL(U)     (scale_front: NL after sqrt(sigma))
+    W   <- W - lr * wd * W                decoupled weight decay, after the update
+
+APOLLO-Mini is rank 1 with tensor scaling and sigma = 128. Groups without a "rank" key (embeddings,
+norms, biases, lm_head) run AdamW in the same optimizer. The arithmetic follows apollo-torch 1.0.3
+(tests hold us to it within fp32 rounding), with these differences:
+
+- no host-device synchronisation in step(): the limiter stays a tensor (apollo-torch calls Python
+  max() on a tensor per parameter), and ||G * s|| comes from per-channel norms of G instead of a
+  full-size temporary;
+- the state is only tensors and ints (the seed of the current projection window, not a projector
+  object), so torch.load(weights_only=True) reads it and resume is exact: the projection is redrawn
+  from the stored seed;
+- moment and AdamW arithmetic is batched over parameters with torch._foreach_* kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+
+_SEED_ADVANCE = 15  # next_seed draws this many int64 values and keeps the last (as apollo-torch)
+SCALE_TYPES = ("channel", "tensor")
+
+
+def next_seed(seed: int) -> int:
+    """The seed of the next projection window (a CPU generator: no device work)."""
+    g = torch.Generator().manual_seed(seed)
+    return int(torch.randint(0, torch.iinfo(torch.int64).max, (_SEED_ADVANCE,), generator=g)[-1])
+
+
+def projection(shape: tuple[int, int], rank: int, seed: int, device, dtype) -> torch.Tensor:
+    """P for a weight of ``shape``: (rank, n) when m >= n, else (m, rank); fp32 draws, then ``dtype``."""
+    m, n = shape
+    size = (rank, n) if m >= n else (m, rank)
+    g = torch.Generator(device=device).manual_seed(seed)
+    p = torch.randn(size, generator=g, device=device, dtype=torch.float32) / math.sqrt(rank)
+    return p.to(dtype)
+
+
+class APOLLO(torch.optim.Optimizer):
+    """APOLLO / APOLLO-Mini for groups with a ``rank`` key, AdamW for the others.
+
+    Group keys for APOLLO groups: rank, update_proj_gap (T), scale (sigma), scale_type ("channel" or
+    "tensor"), proj ("random"), proj_type ("std"). Parameters in such a group that are not 2-D are
+    updated with AdamW. Projection seeds come from each parameter's 1-based position over all groups,
+    so every data-parallel rank draws the same projections without communicating.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        scale_front: bool = False,
+        norm_growth_limiter: bool = True,
+        seed: int = 0,
+    ):
+        if lr < 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self.scale_front = scale_front
+        self.norm_growth_limiter = norm_growth_limiter
+        self._first_seed: dict[torch.Tensor, int] = {}
+        index = 0
+        for group in self.param_groups:
+            if "rank" in group:
+                _check_apollo_group(group)
+            for p in group["params"]:
+                index += 1
+                if p.requires_grad:
+                    self._first_seed[p] = seed + index
+        self._projections: dict[torch.Tensor, torch.Tensor] = {}  # not state: redrawn from the seed
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self._projections.clear()  # the stored seeds say which projection each window uses
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            with_grad = [p for p in group["params"] if p.grad is not None]
+            if any(p.grad.is_sparse for p in with_grad):
+                raise RuntimeError("APOLLO does not support sparse gradients")
+            low_rank = [p for p in with_grad if "rank" in group and p.dim() == 2]
+            dense = [p for p in with_grad if not ("rank" in group and p.dim() == 2)]
+            if dense:
+                self._adamw(group, dense)
+            if low_rank:
+                self._apollo(group, low_rank)
+            if group["weight_decay"] > 0 and with_grad:
+                # after the update, on the updated weights (as apollo-torch)
+                torch._foreach_add_(with_grad, with_grad, alpha=-group["lr"] * group["weight_decay"])
+        return loss
+
+    # -- AdamW for the groups without a rank -----------------------------------------------------------
+    def _adamw(self, group: dict, params: list[torch.Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        grads = [p.grad for p in params]
+        states = [self._state(p, like=p) for p in params]
+        m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        torch._foreach_mul_(m, beta1)
+        torch._foreach_add_(m, grads, alpha=1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_add_(denom, group["eps"])
+        steps = [-_step_size(group, s["step"]) for s in states]
+        torch._foreach_addcdiv_(params, m, denom, steps)
+
+    # -- APOLLO for 2-D weights in rank groups -------------------------------------------------------
+    def _apollo(self, group: dict, params: list[torch.Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        grads = [p.grad for p in params]
+        projected = [self._project(group, p) for p in params]
+        states = [self.state[p] for p in params]
+        m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        torch._foreach_mul_(m, beta1)
+        torch._foreach_add_(m, projected, alpha=1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, projected, projected, value=1 - beta2)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_add_(denom, group["eps"])
+        normalized = torch._foreach_div(m, denom)
+        alpha = math.sqrt(group["scale"])
+        for p, g, r, n, state in zip(params, grads, projected, normalized, states):
+            rows = p.shape[0] >= p.shape[1]  # channels are rows when the projection is on the right
+            if group["scale_type"] == "channel":
+                dim = 1 if rows else 0
+                factor = _norm(n, dim) / (_norm(r, dim) + 1e-8)
+                update_norm = torch.sqrt(torch.sum(factor.square() * _norm(g, dim).square()))
+                factor = factor.unsqueeze(1) if rows else factor.unsqueeze(0)
+            else:
+                factor = torch.linalg.vector_norm(n) / (torch.linalg.vector_norm(r) + 1e-8)
+                update_norm = factor * torch.linalg.vector_norm(g)  # ||G * s|| without building G * s
+            coef = torch.full((), -_step_size(group, state["step"]) * alpha, device=p.device, dtype=torch.float32)
+            if self.norm_growth_limiter:
+                if self.scale_front:
+                    update_norm = update_norm * alpha
+                if "limiter_norm" in state:
+                    limiter = torch.clamp(update_norm / (state["limiter_norm"] + 1e-8), min=1.01) / 1.01
+                    coef = coef / limiter
+                    state["limiter_norm"] = update_norm / limiter
+                else:
+                    state["limiter_norm"] = update_norm.clone()
+            p.addcmul_(g, (factor * coef).to(p.dtype))
+
+    def _project(self, group: dict, p: torch.Tensor) -> torch.Tensor:
+        state = self._state(p, like=None)
+        step = state["step"] - 1  # _state has already counted this step
+        refresh = step % group["update_proj_gap"] == 0
+        if refresh and step > 0:
+            state["seed"] = next_seed(state["seed"])
+        if refresh or p not in self._projections:
+            self._projections[p] = projection(tuple(p.shape), group["rank"], state["seed"], p.device, p.grad.dtype)
+        proj = self._projections[p]
+        r = p.grad @ proj.T if p.shape[0] >= p.shape[1] else proj.T @ p.grad
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(r)
+            state["exp_avg_sq"] = torch.zeros_like(r)
+        return r
+
+    def _state(self, p: torch.Tensor, like: torch.Tensor | None) -> dict:
+        """Counts the step (a Python int: no device sync to read it) and creates moments like ``like``."""
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = 0
+            state["seed"] = self._first_seed.get(p, 0)
+            if like is not None:
+                state["exp_avg"] = torch.zeros_like(like, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
+        state["step"] += 1
+        return state
+
+
+def _norm(x: torch.Tensor, dim: int) -> torch.Tensor:
+    return torch.linalg.vector_norm(x, dim=dim)
+
+
+def _step_size(group: dict, step: int) -> float:
+    beta1, beta2 = group["betas"]
+    return group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+
+
+def _check_apollo_group(group: dict) -> None:
+    if not isinstance(group["rank"], int) or group["rank"] <= 0:
+        raise ValueError(f"APOLLO rank must be a positive integer, got {group['rank']!r}")
+    group.setdefault("update_proj_gap", 200)
+    group.setdefault("scale", 1.0)
+    group.setdefault("scale_type", "channel")
+    group.setdefault("proj", "random")
+    group.setdefault("proj_type", "std")
+    if group["scale_type"] not in SCALE_TYPES:
+        raise ValueError(f"APOLLO scale_type must be one of {SCALE_TYPES}, got {group['scale_type']!r}")
+    if group["proj"] != "random":
+        raise ValueError(f"APOLLO proj must be 'random' (seeded Gaussian projections), got {group['proj']!r}")
+    if group["proj_type"] != "std":
+        raise ValueError(f"APOLLO proj_type must be 'std' (project the smaller side), got {group['proj_type']!r}")
+    if not isinstance(group["update_proj_gap"], int) or group["update_proj_gap"] < 1:
+        raise ValueError(f"APOLLO update_proj_gap must be an integer >= 1, got {group['update_proj_gap']!r}")
+    if group["scale"] <= 0:
+        raise ValueError(f"APOLLO scale must be > 0, got {group['scale']!r}")
+
+
+def apollo_param_groups(
+    named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
+    target: Callable[[str, torch.nn.Parameter], bool],
+    *,
+    weight_decay: float,
+    no_decay: Callable[[str], bool],
+    **apollo_group_kwargs,
+) -> list[dict]:
+    """[AdamW with decay, AdamW without decay, APOLLO with decay (2-D targets)], empty groups dropped."""
+    decay, plain, low_rank = [], [], []
+    for name, p in named_parameters:
+        if not p.requires_grad:
+            continue
+        if target(name, p) and p.dim() == 2:
+            low_rank.append(p)
+        elif no_decay(name):
+            plain.append(p)
+        else:
+            decay.append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": plain, "weight_decay": 0.0},
+        {"params": low_rank, "weight_decay": weight_decay, **apollo_group_kwargs},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held in the optimizer state (moments and limiter norms; projections are a cache)."""
+    return sum(
+        t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)
+    )
