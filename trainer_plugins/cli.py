@@ -41,7 +41,7 @@ def plugin_info(host=None) -> list[dict]:
 
 
 def _type_name(hint) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 def _importable(module: str) -> bool:

@@ -1,0 +1,113 @@
+"""Trainer glue for APOLLO: the flags, their checks, and the optimizer hook. The method is in optimizer.py."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from trainer_plugins import ConfigError, PluginSpec, hookimpl
+
+# (rank, scale, scale_type) per mode: the paper's defaults (methods.md 1.4) for 1B/7B models.
+MODES = {"apollo": (256, 1.0, "channel"), "mini": (1, 128.0, "tensor")}
+
+
+@dataclass
+class ApolloArguments:
+    apollo: Literal["off", "apollo", "mini"] = field(
+        default="off", metadata={"help": "APOLLO (channel-wise, rank 256) or APOLLO-Mini (tensor-wise, rank 1)."}
+    )
+    apollo_rank: Optional[int] = field(default=None, metadata={"help": "Projection rank (default 256; mini: 1)."})
+    apollo_scale: Optional[float] = field(
+        default=None, metadata={"help": "Update scale sigma; alpha = sqrt(sigma) (default 1; mini: 128)."}
+    )
+    apollo_scale_type: Optional[Literal["channel", "tensor"]] = field(
+        default=None, metadata={"help": "Scaling factor per channel or per tensor (default channel; mini: tensor)."}
+    )
+    apollo_update_proj_gap: int = field(default=200, metadata={"help": "Steps between projection refreshes."})
+    apollo_target_modules: str = field(
+        default="all-linear",
+        metadata={"help": "Linear layers optimised by APOLLO: 'all-linear' (all but the output head), "
+                          "comma-separated name parts (q_proj,v_proj), or a regex on module names. Others: AdamW."},
+    )
+    apollo_scale_front: bool = field(
+        default=False, metadata={"help": "Apply sqrt(scale) before the norm-growth limiter (for short warmups)."}
+    )
+    apollo_norm_growth_limiter: bool = field(default=True, metadata={"help": "Cap update-norm growth at 1.01x/step."})
+
+
+@hookimpl
+def plugin_spec():
+    return PluginSpec(
+        name="apollo",
+        arguments=ApolloArguments,
+        description="APOLLO / APOLLO-Mini optimizer: SGD-like memory, AdamW-level results",
+        # ZeRO hands the optimizer flat 1-D partitions; the row/column structure APOLLO needs is gone.
+        # Refused until the partition-aware version lands; DDP works (seeded projections, same on all ranks).
+        supports=frozenset({"ddp"}),
+    )
+
+
+def resolved(args) -> tuple[int, float, str]:
+    rank, scale, scale_type = MODES[args.apollo]
+    return (args.apollo_rank if args.apollo_rank is not None else rank,
+            args.apollo_scale if args.apollo_scale is not None else scale,
+            args.apollo_scale_type or scale_type)
+
+
+@hookimpl
+def validate(args):
+    rank, scale, _ = resolved(args)
+    if rank < 1:
+        raise ConfigError(f"apollo_rank must be >= 1, got {rank}")
+    if scale <= 0:
+        raise ConfigError(f"apollo_scale must be > 0, got {scale}")
+    if args.apollo_update_proj_gap < 1:
+        raise ConfigError(f"apollo_update_proj_gap must be >= 1, got {args.apollo_update_proj_gap}")
+    target_matcher(args.apollo_target_modules)  # a bad regex fails here, not after loading
+    optim = getattr(args.optim, "value", args.optim)
+    if not str(optim).startswith("adamw"):
+        raise ConfigError(f"apollo replaces the optimizer; optim={optim!r} would be ignored. Leave optim at its "
+                          "default (weight_decay, adam_beta1/2 and adam_epsilon are used)")
+
+
+def target_matcher(spec: str):
+    """module name -> bool, for 'all-linear', 'a,b' name parts, or a regex (full match)."""
+    if spec == "all-linear":
+        return lambda name: True
+    if re.fullmatch(r"[\w.]+(,[\w.]+)*", spec):
+        parts = spec.split(",")
+        return lambda name: any(part in name.split(".") or name.endswith(part) for part in parts)
+    try:
+        pattern = re.compile(spec)
+    except re.error as exc:
+        raise ConfigError(f"apollo_target_modules is not a valid regex: {exc}") from exc
+    return lambda name: pattern.fullmatch(name) is not None
+
+
+@hookimpl
+def create_optimizer(model, args, trainer):
+    import torch
+
+    from .optimizer import APOLLO, apollo_param_groups
+
+    rank, scale, scale_type = resolved(args)
+    matches = target_matcher(args.apollo_target_modules)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    targets = {
+        f"{name}.weight" if name else "weight"
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module is not head and matches(name)
+    }
+    if not any(p.requires_grad for n, p in model.named_parameters() if n in targets):
+        raise ConfigError(f"apollo_target_modules={args.apollo_target_modules!r} matches no trainable linear layer")
+    decay = set(trainer.get_decay_parameter_names(model))
+    groups = apollo_param_groups(
+        model.named_parameters(), lambda name, p: name in targets,
+        weight_decay=args.weight_decay, no_decay=lambda name: name not in decay,
+        rank=rank, scale=scale, scale_type=scale_type, update_proj_gap=args.apollo_update_proj_gap,
+        proj="random", proj_type="std",
+    )
+    return APOLLO(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                  scale_front=args.apollo_scale_front, norm_growth_limiter=args.apollo_norm_growth_limiter,
+                  seed=args.seed)

@@ -1,0 +1,108 @@
+"""The apollo plugin inside the Trainer: flags, optimizer groups, exact resume, refusals."""
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from trainer_plugins import ConfigError, PluginConfigError, PluginTrainer, PluginTrainingArguments
+from trainer_plugins.models import tiny_llama_config
+from trainer_plugins_apollo import APOLLO
+
+COMMON = dict(per_device_train_batch_size=4, logging_steps=1, report_to=[], use_cpu=True, seed=0,
+              learning_rate=1e-2, save_strategy="no", disable_tqdm=True, weight_decay=0.1)
+
+
+def model():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_llama_config())
+
+
+def losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def counting_dataset():
+    """Runs of consecutive token ids: learnable in a few dozen steps, unlike random tokens."""
+    return [{"input_ids": [(s * 7 + k) % 1000 for k in range(32)], "labels": [(s * 7 + k) % 1000 for k in range(32)]}
+            for s in range(64)]
+
+
+def test_mini_builds_apollo_with_adamw_groups_and_trains(tmp_path):
+    args = PluginTrainingArguments(output_dir=str(tmp_path), apollo="mini", max_steps=30, **COMMON)
+    trainer = PluginTrainer(model=model(), args=args, train_dataset=counting_dataset())
+    trainer.train()
+    opt = trainer.optimizer.optimizer
+    assert isinstance(opt, APOLLO)
+    low_rank = next(g for g in opt.param_groups if "rank" in g)
+    assert (low_rank["rank"], low_rank["scale"], low_rank["scale_type"]) == (1, 128.0, "tensor")
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    apollo_names = {names[id(p)] for p in low_rank["params"]}
+    assert len(apollo_names) == 2 * 7  # q,k,v,o,gate,up,down in 2 layers
+    assert "lm_head.weight" not in apollo_names and "model.embed_tokens.weight" not in apollo_names
+    no_decay = next(g for g in opt.param_groups if g["weight_decay"] == 0.0)
+    assert all("norm" in names[id(p)] for p in no_decay["params"])
+    loss = losses(trainer)
+    assert sum(loss[-5:]) / 5 < loss[0] - 1.0
+
+
+def test_target_modules_and_overrides(tmp_path, token_dataset):
+    args = PluginTrainingArguments(output_dir=str(tmp_path), apollo="apollo", apollo_rank=4,
+                                   apollo_target_modules="q_proj,v_proj", max_steps=2, **COMMON)
+    trainer = PluginTrainer(model=model(), args=args, train_dataset=token_dataset)
+    trainer.train()
+    low_rank = next(g for g in trainer.optimizer.optimizer.param_groups if "rank" in g)
+    assert (low_rank["rank"], low_rank["scale_type"]) == (4, "channel") and len(low_rank["params"]) == 4
+
+
+def test_resume_is_exact_across_a_projection_refresh(tmp_path, token_dataset):
+    kw = dict(apollo="apollo", apollo_rank=4, apollo_update_proj_gap=6, max_steps=20, save_strategy="steps",
+              save_steps=10, **{k: v for k, v in COMMON.items() if k != "save_strategy"})
+    full = PluginTrainer(model=model(), args=PluginTrainingArguments(output_dir=str(tmp_path / "a"), **kw),
+                         train_dataset=token_dataset)
+    full.train()
+    cut = PluginTrainer(model=model(), args=PluginTrainingArguments(output_dir=str(tmp_path / "b"), **kw),
+                        train_dataset=token_dataset)
+    cut.train()
+    resumed = PluginTrainer(model=model(), args=PluginTrainingArguments(output_dir=str(tmp_path / "b"), **kw),
+                            train_dataset=token_dataset)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-10"))
+    assert losses(resumed) == pytest.approx(losses(full), abs=1e-6) and len(losses(full)) == 20
+    for a, b in zip(full.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    saved = torch.load(tmp_path / "b" / "checkpoint-10" / "optimizer.pt", weights_only=True)
+    assert any("seed" in s for s in saved["state"].values())
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"apollo_rank": 0}, "apollo_rank must be >= 1"),
+    ({"apollo_scale": -1.0}, "apollo_scale must be > 0"),
+    ({"apollo_update_proj_gap": 0}, "apollo_update_proj_gap must be >= 1"),
+    ({"apollo_target_modules": "(unclosed"}, "not a valid regex"),
+    ({"optim": "sgd"}, "apollo replaces the optimizer"),
+])
+def test_bad_flags(tmp_path, kw, message):
+    with pytest.raises(PluginConfigError, match=message):
+        PluginTrainer(model=model(), args=PluginTrainingArguments(output_dir=str(tmp_path), apollo="mini", **kw))
+
+
+def test_targets_matching_nothing(tmp_path, token_dataset):
+    args = PluginTrainingArguments(output_dir=str(tmp_path), apollo="mini", apollo_target_modules="no_such_proj",
+                                   max_steps=1, **COMMON)
+    with pytest.raises(ConfigError, match="matches no trainable linear layer"):
+        PluginTrainer(model=model(), args=args, train_dataset=token_dataset).train()
+
+
+def test_zero_is_refused_naming_what_works(tmp_path, deepspeed_env):
+    ds = {"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}
+    args = PluginTrainingArguments(output_dir=str(tmp_path), apollo="mini", deepspeed=ds, use_cpu=True)
+    with pytest.raises(PluginConfigError, match=r"plugin 'apollo': does not support DeepSpeed ZeRO-1/2 \(it works "
+                                                r"with: a single process, DDP"):
+        PluginTrainer(model=model(), args=args)
+
+
+def test_4bit_base_is_refused(tmp_path, tiny_model_dir):
+    from trainer_plugins.recipes import load_recipe
+
+    with pytest.raises(PluginConfigError, match="does not support a 4-bit"):
+        load_recipe({"model_name_or_path": tiny_model_dir, "load_in_4bit": True, "apollo": "mini",
+                     "output_dir": str(tmp_path)})
