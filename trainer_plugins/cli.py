@@ -12,7 +12,7 @@ import sys
 from typing import get_type_hints
 
 from .errors import TrainerPluginsError
-from .manager import BUILTIN, get_host
+from .manager import BUILTIN, get_host, importable
 
 def plugin_info(host=None) -> list[dict]:
     """Everything ``list`` shows, as JSON-ready dicts (installed plugins, then unusable ones)."""
@@ -30,7 +30,7 @@ def plugin_info(host=None) -> list[dict]:
             "name": name, "version": host.versions.get(name), "status": "ok",
             "description": spec.description, "switch": None if spec.always_on else name,
             "hooks": host.hooks_of(name), "flags": flags, "supports": sorted(spec.supports),
-            "requires": {m: {"pip": r, "installed": _importable(m)} for m, r in spec.requires.items()},
+            "requires": {m: {"pip": r, "installed": importable(m)} for m, r in spec.requires.items()},
             "conflicts": dict(spec.conflicts), "run_after": list(spec.run_after),
         })
     for name, why in sorted(host.failed.items()):
@@ -42,12 +42,6 @@ def plugin_info(host=None) -> list[dict]:
 
 def _type_name(hint) -> str:
     return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
-
-
-def _importable(module: str) -> bool:
-    from .manager import _importable as importable
-
-    return importable(module)
 
 
 def cmd_list(ns) -> int:

@@ -132,7 +132,7 @@ class PluginHost:
         for name in enabled:
             spec = self.specs[name]
             for module, requirement in spec.requires.items():
-                if not _importable(module):
+                if not importable(module):
                     raise PluginConfigError(
                         name, f"needs the package '{module}', which is not installed: pip install '{requirement}'"
                     )
@@ -218,7 +218,7 @@ def _topological(names: list[str], specs: dict[str, PluginSpec]) -> list[str]:
     return done
 
 
-def _importable(module: str) -> bool:
+def importable(module: str) -> bool:
     import importlib.util
 
     try:

@@ -118,32 +118,18 @@ class APOLLO(torch.optim.Optimizer):
 
     # -- AdamW for the groups without a rank -----------------------------------------------------------
     def _adamw(self, group: dict, params: list[torch.Tensor]) -> None:
-        beta1, beta2 = group["betas"]
         grads = [p.grad for p in params]
         states = [self._state(p, like=p) for p in params]
-        m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
-        torch._foreach_mul_(m, beta1)
-        torch._foreach_add_(m, grads, alpha=1 - beta1)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_add_(denom, group["eps"])
+        m, denom = _adam_moments(group, states, grads)
         steps = [-_step_size(group, s["step"]) for s in states]
         torch._foreach_addcdiv_(params, m, denom, steps)
 
     # -- APOLLO for 2-D weights in rank groups -------------------------------------------------------
     def _apollo(self, group: dict, params: list[torch.Tensor]) -> None:
-        beta1, beta2 = group["betas"]
         grads = [p.grad for p in params]
         projected = [self._project(group, p) for p in params]
         states = [self.state[p] for p in params]
-        m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
-        torch._foreach_mul_(m, beta1)
-        torch._foreach_add_(m, projected, alpha=1 - beta1)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, projected, projected, value=1 - beta2)
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_add_(denom, group["eps"])
+        m, denom = _adam_moments(group, states, projected)
         normalized = torch._foreach_div(m, denom)
         alpha = math.sqrt(group["scale"])
         for p, g, r, n, state in zip(params, grads, projected, normalized, states):
@@ -194,6 +180,19 @@ class APOLLO(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
         state["step"] += 1
         return state
+
+
+def _adam_moments(group: dict, states: list[dict], xs: list[torch.Tensor]):
+    """Update the moments of ``xs`` in place; returns (first moments, sqrt(second) + eps)."""
+    beta1, beta2 = group["betas"]
+    m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+    torch._foreach_mul_(m, beta1)
+    torch._foreach_add_(m, xs, alpha=1 - beta1)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, xs, xs, value=1 - beta2)
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_add_(denom, group["eps"])
+    return m, denom
 
 
 def _norm(x: torch.Tensor, dim: int) -> torch.Tensor:
