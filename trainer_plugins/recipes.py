@@ -188,8 +188,9 @@ def run_recipe(recipe: Recipe) -> dict:
     from transformers import set_seed
 
     from .data import build_datasets, data_collator
+    from .manager import BUILTIN
     from .models import load_tokenizer
-    from .trainer import PluginTrainer
+    from .trainer import PluginTrainer, deepspeed_stage
 
     args = recipe.args
     host = args._host
@@ -202,12 +203,14 @@ def run_recipe(recipe: Recipe) -> dict:
         data_collator=data_collator(tokenizer), processing_class=tokenizer,
     )
     results: dict = {"recipe": recipe.source, "config": resolved_config(recipe),
-                     "plugins": [n for n in host.enabled(args) if n != "host"]}
+                     "plugins": [n for n in host.enabled(args) if n != BUILTIN]}
+    # Under ZeRO-3 no process holds whole weights outside the engine, so generate() cannot run.
+    sampling = recipe.run_args.sample_prompt and deepspeed_stage(args) != 3
     if eval_ds is not None and recipe.run_args.eval_before_training:
         # Inside train(), after DeepSpeed has wrapped the model: evaluate() before train() only works
         # with ZeRO-3 (transformers' "ZeRO inference"), eval_on_start works with every stage.
         args.eval_on_start = True
-    if recipe.run_args.sample_prompt:
+    if sampling:
         results["sample_before"] = sample(trainer.model, tokenizer, recipe.run_args)
     start = time.perf_counter()
     train_out = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
@@ -218,7 +221,7 @@ def run_recipe(recipe: Recipe) -> dict:
         results["before"] = _metrics(first["eval_loss"])
     if eval_ds is not None:
         results["after"] = _metrics(trainer.evaluate()["eval_loss"])
-    if recipe.run_args.sample_prompt:
+    if sampling:
         results["sample_after"] = sample(trainer.model, tokenizer, recipe.run_args)
     if recipe.run_args.save_final_model:
         trainer.save_model()

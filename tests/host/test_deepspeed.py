@@ -66,6 +66,7 @@ train:
   report_to: []
   use_cpu: true
   deepspeed: {ROOT / 'recipes' / 'deepspeed' / f'zero{stage}.json'}
+run: {{sample_prompt: "Say hi", sample_max_new_tokens: 4}}
 """)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -76,5 +77,6 @@ train:
     assert results["train"]["steps"] == 4
     assert results["after"]["eval_loss"] < results["before"]["eval_loss"]
     assert (tmp_path / "out" / "checkpoint-4").is_dir()
+    assert ("sample_after" in results) == (stage == 2)  # ZeRO-3 holds no whole weights to generate with
     reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "out")  # ZeRO-3: gathered 16-bit weights on save
     assert reloaded.model.embed_tokens.weight.shape[0] > 0
