@@ -13,7 +13,6 @@ train/eval by a stable hash, shuffled with the seed, and only then read and toke
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import torch
 
 from .errors import ConfigError
+from .manager import importable
 
 logger = logging.getLogger("trainer_plugins")
 
@@ -111,7 +111,7 @@ def validate_data_args(data_args: DataArguments) -> None:
         return
     path = _local_path(a.dataset)
     if path is None:
-        if not _is_installed("datasets"):
+        if not importable("datasets"):
             raise ConfigError(f"dataset '{a.dataset}' is read as a Hugging Face dataset name, which needs the "
                               "`datasets` package: pip install datasets (or give a local file or directory)")
         return
@@ -131,13 +131,6 @@ def _local_path(dataset: str) -> Optional[Path]:
     looks_local = (dataset.startswith(("/", ".", "~")) or dataset.count("/") > 1 or "\\" in dataset
                    or path.suffix.lower() in _PATH_LIKE_SUFFIXES)
     return path if path.exists() or looks_local else None
-
-
-def _is_installed(package: str) -> bool:
-    try:
-        return importlib.util.find_spec(package) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 # ----------------------------------------------------------------------------------------- corpora

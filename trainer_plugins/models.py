@@ -21,6 +21,7 @@ from typing import Literal, Optional
 import torch
 
 from .errors import ConfigError
+from .manager import importable
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -113,12 +114,12 @@ def validate_model_args(model_args: ModelArguments) -> None:
         raise ConfigError(f"GGUF file not found: {gguf}")
     if gguf is None and _looks_local(name) and not Path(name).expanduser().exists():
         raise ConfigError(f"model_name_or_path: no such directory: {name}")
-    if gguf is not None and importlib.util.find_spec("gguf") is None:
+    if gguf is not None and not importable("gguf"):
         raise ConfigError("loading a GGUF model needs the gguf package: pip install gguf")
     if model_args.load_in_4bit:
         if model_args.model_init == "random":
             raise ConfigError("load_in_4bit with model_init=random: there are no pretrained weights to quantise")
-        if importlib.util.find_spec("bitsandbytes") is None:
+        if not importable("bitsandbytes"):
             raise ConfigError("load_in_4bit needs bitsandbytes: pip install 'bitsandbytes>=0.45'")
     _overrides(model_args)
 
