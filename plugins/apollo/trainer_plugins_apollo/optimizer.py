@@ -90,6 +90,7 @@ class APOLLO(torch.optim.Optimizer):
                 if p.requires_grad:
                     self._first_seed[p] = seed + index
         self._projections: dict[torch.Tensor, torch.Tensor] = {}  # not state: redrawn from the seed
+        self._group_of: dict[torch.Tensor, dict] = {}
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
@@ -102,19 +103,37 @@ class APOLLO(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            with_grad = [p for p in group["params"] if p.grad is not None]
-            if any(p.grad.is_sparse for p in with_grad):
-                raise RuntimeError("APOLLO does not support sparse gradients")
-            low_rank = [p for p in with_grad if "rank" in group and p.dim() == 2]
-            dense = [p for p in with_grad if not ("rank" in group and p.dim() == 2)]
-            if dense:
-                self._adamw(group, dense)
-            if low_rank:
-                self._apollo(group, low_rank)
-            if group["weight_decay"] > 0 and with_grad:
-                # after the update, on the updated weights (as apollo-torch)
-                torch._foreach_add_(with_grad, with_grad, alpha=-group["lr"] * group["weight_decay"])
+            self._update(group, [p for p in group["params"] if p.grad is not None])
         return loss
+
+    @torch.no_grad()
+    def step_parameter(self, p: torch.Tensor) -> None:
+        """Update one parameter now and free its gradient.
+
+        Layer-wise mode calls this from a post-accumulate-grad hook during backward, so gradients of
+        different layers never coexist; ``step()`` then finds no gradient left. Same arithmetic as step().
+        """
+        if p.grad is None:
+            return
+        if not self._group_of:
+            self._group_of = {q: g for g in self.param_groups for q in g["params"]}
+        self._update(self._group_of[p], [p])
+        p.grad = None
+
+    def _update(self, group: dict, params: list[torch.Tensor]) -> None:
+        if not params:
+            return
+        if any(p.grad.is_sparse for p in params):
+            raise RuntimeError("APOLLO does not support sparse gradients")
+        low_rank = [p for p in params if "rank" in group and p.dim() == 2]
+        dense = [p for p in params if not ("rank" in group and p.dim() == 2)]
+        if dense:
+            self._adamw(group, dense)
+        if low_rank:
+            self._apollo(group, low_rank)
+        if group["weight_decay"] > 0:
+            # after the update, on the updated weights (as apollo-torch)
+            torch._foreach_add_(params, params, alpha=-group["lr"] * group["weight_decay"])
 
     # -- AdamW for the groups without a rank -----------------------------------------------------------
     def _adamw(self, group: dict, params: list[torch.Tensor]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -34,6 +35,11 @@ class ApolloArguments:
         default=False, metadata={"help": "Apply sqrt(scale) before the norm-growth limiter (for short warmups)."}
     )
     apollo_norm_growth_limiter: bool = field(default=True, metadata={"help": "Cap update-norm growth at 1.01x/step."})
+    apollo_layerwise: bool = field(
+        default=False,
+        metadata={"help": "Update each weight during backward as soon as its gradient is complete, and free "
+                          "the gradient: no two layers' gradients coexist. Single process; needs max_grad_norm 0."},
+    )
 
 
 @hookimpl
@@ -65,6 +71,13 @@ def validate(args):
     if args.apollo_update_proj_gap < 1:
         raise ConfigError(f"apollo_update_proj_gap must be >= 1, got {args.apollo_update_proj_gap}")
     target_matcher(args.apollo_target_modules)  # a bad regex fails here, not after loading
+    if args.apollo_layerwise:
+        if args.max_grad_norm and args.max_grad_norm > 0:
+            raise ConfigError("apollo_layerwise updates each weight inside backward, before the whole-model "
+                              "gradient norm exists, so it cannot clip: set max_grad_norm 0")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("apollo_layerwise runs in a single process only (under DDP a weight would be "
+                              "updated before its gradient is all-reduced); without it, apollo works with DDP")
     optim = getattr(args.optim, "value", args.optim)
     if not str(optim).startswith("adamw"):
         raise ConfigError(f"apollo replaces the optimizer; optim={optim!r} would be ignored. Leave optim at its "
@@ -108,6 +121,29 @@ def create_optimizer(model, args, trainer):
         rank=rank, scale=scale, scale_type=scale_type, update_proj_gap=args.apollo_update_proj_gap,
         proj="random", proj_type="std",
     )
-    return APOLLO(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                  scale_front=args.apollo_scale_front, norm_growth_limiter=args.apollo_norm_growth_limiter,
-                  seed=args.seed)
+    optimizer = APOLLO(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                       eps=args.adam_epsilon, scale_front=args.apollo_scale_front,
+                       norm_growth_limiter=args.apollo_norm_growth_limiter, seed=args.seed)
+    if args.apollo_layerwise:
+        install_layerwise_hooks(model, optimizer, trainer)
+    return optimizer
+
+
+def install_layerwise_hooks(model, optimizer, trainer) -> None:
+    """Step each parameter from its post-accumulate-grad hook on the last micro-batch of a step.
+
+    The lr scheduler still drives ``optimizer``'s groups, and the optimizer's state is the normal
+    APOLLO state, so checkpoints and resume work as without layer-wise mode. ``optimizer.step()``
+    (called by the Trainer) finds no gradients left and does nothing.
+    """
+    for handle in getattr(model, "_apollo_layerwise_hooks", []):  # a second create_optimizer call
+        handle.remove()
+
+    def step_when_complete(p):
+        # With gradient accumulation, earlier micro-batches only accumulate into p.grad.
+        if trainer.accelerator.sync_gradients:
+            optimizer.step_parameter(p)
+
+    model._apollo_layerwise_hooks = [
+        p.register_post_accumulate_grad_hook(step_when_complete) for p in model.parameters() if p.requires_grad
+    ]
