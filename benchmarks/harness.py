@@ -1,0 +1,188 @@
+"""Memory and speed of training methods on one model shape, in one process, one after another.
+
+    python benchmarks/harness.py --shape 1b --methods adamw sgd apollo-torch apollo-torch-mini apollo apollo-mini \
+        apollo-mini-layerwise --out benchmarks/results/apollo-1b-h100.json
+
+Every case builds the same random-weight Llama of the chosen shape (memory and speed do not depend on the
+values), runs warm-up steps, then timed steps (forward + backward + optimizer step on random tokens), and
+records the peak memory allocated during training (torch.cuda.max_memory_allocated after resetting the peak
+once the model exists, so the build transient is excluded) and the median step time. Results are JSON with the
+device, date and command, plus ratios against the first method; a PNG chart if matplotlib is installed.
+
+Methods are registered in METHODS: name -> (prepare(model) -> model, optimizer(model, lr) -> optimizer, hooks).
+Other plugins add theirs here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {  # Llama shapes from the issues; batch x sequence per step
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000, batch=2, seq=32),
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=32000, batch=4, seq=1024),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000, batch=1, seq=1024),
+}
+
+
+def _linear_groups(model, **apollo_kwargs):
+    """AdamW for everything but the decoder's linear weights, which get the low-rank keys."""
+    targets = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers." in n]
+    ids = {id(p) for p in targets}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return [{"params": rest}, {"params": targets, **apollo_kwargs}]
+
+
+def _ours(rank, scale, scale_type, layerwise=False):
+    def build(model, lr):
+        from trainer_plugins_apollo import APOLLO
+
+        opt = APOLLO(_linear_groups(model, rank=rank, scale=scale, scale_type=scale_type, update_proj_gap=200),
+                     lr=lr)
+        if layerwise:
+            for p in model.parameters():
+                p.register_post_accumulate_grad_hook(opt.step_parameter)
+        return opt
+
+    return build
+
+
+def _apollo_torch(rank, scale, scale_type):
+    def build(model, lr):
+        from apollo_torch import APOLLOAdamW
+
+        return APOLLOAdamW(_linear_groups(model, rank=rank, scale=scale, scale_type=scale_type, update_proj_gap=200,
+                                          proj="random", proj_type="std"), lr=lr)
+
+    return build
+
+
+METHODS = {
+    "adamw": lambda model, lr: torch.optim.AdamW(model.parameters(), lr=lr, fused=model.device.type == "cuda"),
+    "sgd": lambda model, lr: torch.optim.SGD(model.parameters(), lr=lr),
+    "apollo-torch": _apollo_torch(256, 1.0, "channel"),
+    "apollo-torch-mini": _apollo_torch(1, 128.0, "tensor"),
+    "apollo": _ours(256, 1.0, "channel"),
+    "apollo-mini": _ours(1, 128.0, "tensor"),
+    "apollo-mini-layerwise": _ours(1, 128.0, "tensor", layerwise=True),
+}
+
+
+def build_model(shape: dict, device: str, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{k: v for k, v in shape.items() if k not in ("batch", "seq")},
+                         max_position_embeddings=max(shape["seq"], 128))
+    with torch.device(device):  # built where it runs, in its dtype: no fp32 copy on the host
+        return LlamaForCausalLM(config).to(dtype)
+
+
+def run_case(name: str, shape: dict, device: str, dtype: torch.dtype, warmup: int, steps: int) -> dict:
+    torch.manual_seed(0)
+    model = build_model(shape, device, dtype)
+    model.train()
+    optimizer = METHODS[name](model, 1e-4)
+    tokens = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"]), device=device)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    step = statistics.median(times)
+    result = {
+        "method": name,
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+        "median_step_s": round(step, 5),
+        "tokens_per_s": round(shape["batch"] * shape["seq"] / step, 1),
+        "final_loss": round(float(loss), 4),
+    }
+    del model, optimizer, loss
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def with_ratios(results: list[dict]) -> list[dict]:
+    base = results[0]
+    for r in results:
+        r[f"step_vs_{base['method']}"] = round(r["median_step_s"] / base["median_step_s"], 3)
+        if r["peak_gib"] is not None:
+            r[f"peak_vs_{base['method']}"] = round(r["peak_gib"] / base["peak_gib"], 3)
+    return results
+
+
+def chart(report: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = report["results"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    names = [r["method"] for r in rows]
+    axes[0].barh(names, [r["peak_gib"] or 0 for r in rows])
+    axes[0].set_xlabel("peak memory allocated (GiB)")
+    axes[1].barh(names, [r["tokens_per_s"] for r in rows])
+    axes[1].set_xlabel("tokens / s")
+    fig.suptitle(f"{report['shape']} Llama shape, {report['device']} ({report['date']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                   help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--out", type=Path, required=True, help="JSON file; the PNG goes next to it")
+    ns = p.parse_args(argv)
+    dtype = getattr(torch, ns.dtype or ("bfloat16" if ns.device.startswith("cuda") else "float32"))
+    shape = SHAPES[ns.shape]
+    results = [run_case(m, shape, ns.device, dtype, ns.warmup, ns.steps) for m in ns.methods]
+    report = {
+        "shape": ns.shape, "config": shape, "dtype": str(dtype).replace("torch.", ""),
+        "device": torch.cuda.get_device_name(0) if ns.device.startswith("cuda") else f"cpu ({platform.processor()})",
+        "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "warmup": ns.warmup, "steps": ns.steps, "results": with_ratios(results),
+    }
+    ns.out.parent.mkdir(parents=True, exist_ok=True)
+    ns.out.write_text(json.dumps(report, indent=2))
+    chart(report, ns.out.with_suffix(".png"))
+    for r in results:
+        print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
