@@ -38,7 +38,18 @@ def optimizer_state_bytes(optimizer) -> int:
     if optimizer is None:
         return 0
     state = getattr(base_optimizer(optimizer), "state", {})
-    return sum(tensor_bytes(s.values()) for s in state.values() if isinstance(s, dict))
+    return _nested_bytes(list(state.values()))
+
+
+def _nested_bytes(value) -> int:
+    """Tensors in a state, also nested (an optimizer stepping ZeRO's flat partitions keeps per-weight dicts)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_nested_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nested_bytes(v) for v in value)
+    return 0
 
 
 def peak_memory() -> tuple[str, int]:
@@ -93,14 +104,22 @@ class MemoryReportCallback(TrainerCallback):
             "peak_kind": what,
             "peak_bytes": peak,
             "device": "cuda" if "cuda" in what else "cpu",
-            "parameters": sum(p.numel() for p in params),
-            "parameter_bytes": tensor_bytes(params),
-            "trainable_parameters": sum(p.numel() for p in trainable),
-            "trainable_bytes": tensor_bytes(trainable),
+            "parameters": sum(_numel(p) for p in params),
+            "parameter_bytes": tensor_bytes(_local(p) for p in params),  # this process's share under ZeRO-3
+            "trainable_parameters": sum(_numel(p) for p in trainable),
+            "trainable_bytes": tensor_bytes(_local(p) for p in trainable),
             "gradient_bytes": self.gradient_bytes,
             "optimizer_state_bytes": self.optimizer_bytes if self.optimizer_bytes is not None
             else (optimizer_state_bytes(optimizer) if optimizer is not None else None),
         }
+
+
+def _numel(p) -> int:
+    return getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 leaves an empty tensor in the module
+
+
+def _local(p):
+    return getattr(p, "ds_tensor", p)
 
 
 def format_report(report: dict) -> str:

@@ -92,11 +92,33 @@ def test_targets_matching_nothing(tmp_path, token_dataset):
         PluginTrainer(model=model(), args=args, train_dataset=token_dataset).train()
 
 
-def test_zero_is_refused_naming_what_works(tmp_path, deepspeed_env):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_through_the_trainer_equals_plain(stage, tmp_path, deepspeed_env):
+    """One process: ZeRO hands APOLLO flat partitions, the plugin maps them back to weights (ZeRO-3 also
+    partitions the parameters before the optimizer is built). Two processes: test_apollo_zero.py."""
+    kw = dict(apollo="apollo", apollo_rank=4, apollo_update_proj_gap=3, max_steps=6, **COMMON)
+    plain = PluginTrainer(model=model(), args=PluginTrainingArguments(output_dir=str(tmp_path / "a"), **kw),
+                          train_dataset=counting_dataset())
+    plain.train()
+    ds = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_clipping": "auto",
+          "zero_optimization": {"stage": stage}}
+    zero = PluginTrainer(model=model(), train_dataset=counting_dataset(),
+                         args=PluginTrainingArguments(output_dir=str(tmp_path / "b"), deepspeed=ds, **kw))
+    zero.train()
+    inner = zero.optimizer
+    while not isinstance(inner, APOLLO):
+        inner = inner.optimizer
+    assert inner._zero_layout is not None and inner._zero_layout.stage == stage
+    shards = [s for s in inner._zero_layout.shards if any(len(shape) == 2 for _, shape, _ in s.params)]
+    assert sum(len(s.pieces) for s in shards) >= 14  # the 2-D weights, found by shape even when partitioned
+    assert losses(zero) == pytest.approx(losses(plain), rel=1e-5) and len(losses(plain)) == 6
+
+
+def test_layerwise_under_zero_is_refused(tmp_path, deepspeed_env):
     ds = {"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}
-    args = PluginTrainingArguments(output_dir=str(tmp_path), apollo="mini", deepspeed=ds, use_cpu=True)
-    with pytest.raises(PluginConfigError, match=r"plugin 'apollo': does not support DeepSpeed ZeRO-1/2 \(it works "
-                                                r"with: a single process, DDP"):
+    args = PluginTrainingArguments(output_dir=str(tmp_path), apollo="mini", apollo_layerwise=True, max_grad_norm=0.0,
+                                   deepspeed=ds, use_cpu=True)
+    with pytest.raises(PluginConfigError, match="apollo_layerwise .* under DeepSpeed ZeRO"):
         PluginTrainer(model=model(), args=args)
 
 

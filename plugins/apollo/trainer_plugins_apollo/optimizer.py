@@ -90,11 +90,27 @@ class APOLLO(torch.optim.Optimizer):
                 if p.requires_grad:
                     self._first_seed[p] = seed + index
         self._projections: dict[torch.Tensor, torch.Tensor] = {}  # not state: redrawn from the seed
+        self._shard_projections: dict[torch.Tensor, tuple[int, torch.Tensor]] = {}
         self._group_of: dict[torch.Tensor, dict] = {}
+        self._zero_layout = None
+        self._zero_layout_source = None
+
+    def attach_zero(self, layout) -> None:
+        """Step DeepSpeed ZeRO's flat partitions with APOLLO (see partitioned.py).
+
+        ``layout`` is ``trainer_plugins.zero.zero_layout(engine)`` (call this after ``deepspeed.initialize``
+        and before the first step), or a function returning it, called at the first step. The Trainer
+        plugin passes such a function, since the optimizer exists before DeepSpeed wraps it.
+        """
+        if callable(layout):
+            self._zero_layout, self._zero_layout_source = None, layout
+        else:
+            self._zero_layout, self._zero_layout_source = layout, None
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
         self._projections.clear()  # the stored seeds say which projection each window uses
+        self._shard_projections.clear()
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
@@ -103,8 +119,28 @@ class APOLLO(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            self._update(group, [p for p in group["params"] if p.grad is not None])
+            params = [p for p in group["params"] if p.grad is not None]
+            if "rank" in group and any(p.dim() == 1 for p in params):
+                params = self._step_shards(group, params)
+            self._update(group, params)
         return loss
+
+    def _step_shards(self, group: dict, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Steps the ZeRO flat partitions among ``params``; returns the others."""
+        from .partitioned import step_shard
+
+        if self._zero_layout is None and self._zero_layout_source is not None:
+            self._zero_layout = self._zero_layout_source()
+        shards = [self._zero_layout.shard(p) if self._zero_layout is not None else None for p in params]
+        if any(s is None and p.dim() == 1 for p, s in zip(params, shards)):
+            raise RuntimeError(
+                "APOLLO got a flat 1-D tensor in a low-rank group: DeepSpeed ZeRO flattened the weights. Call "
+                "optimizer.attach_zero(trainer_plugins.zero.zero_layout(engine)) after deepspeed.initialize "
+                "(the apollo Trainer plugin does this), or put only 2-D weights in groups with a 'rank'")
+        for shard in shards:
+            if shard is not None:
+                step_shard(self, group, shard)
+        return [p for p, s in zip(params, shards) if s is None]
 
     @torch.no_grad()
     def step_parameter(self, p: torch.Tensor) -> None:
@@ -256,7 +292,7 @@ def apollo_param_groups(
     for name, p in named_parameters:
         if not p.requires_grad:
             continue
-        if target(name, p) and p.dim() == 2:
+        if target(name, p) and _ndim(p) == 2:
             low_rank.append(p)
         elif no_decay(name):
             plain.append(p)
@@ -270,8 +306,17 @@ def apollo_param_groups(
     return [g for g in groups if g["params"]]
 
 
+def _ndim(p: torch.Tensor) -> int:
+    """Dimensions of a parameter, also when ZeRO-3 has partitioned it (its data is then an empty 1-D tensor)."""
+    return len(getattr(p, "ds_shape", p.shape))
+
+
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes held in the optimizer state (moments and limiter norms; projections are a cache)."""
-    return sum(
-        t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)
-    )
+
+    def size(value) -> int:  # the state of ZeRO shards nests one dict per weight
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        return sum(size(v) for v in value.values()) if isinstance(value, dict) else 0
+
+    return sum(size(s) for s in optimizer.state.values())

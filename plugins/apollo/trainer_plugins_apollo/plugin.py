@@ -48,9 +48,10 @@ def plugin_spec():
         name="apollo",
         arguments=ApolloArguments,
         description="APOLLO / APOLLO-Mini optimizer: SGD-like memory, AdamW-level results",
-        # ZeRO hands the optimizer flat 1-D partitions; the row/column structure APOLLO needs is gone.
-        # Refused until the partition-aware version lands; DDP works (seeded projections, same on all ranks).
-        supports=frozenset({"ddp"}),
+        # DDP: seeded projections, the same on every rank. ZeRO-1/2/3: the optimizer steps flat
+        # partitions; partitioned.py maps them back to weights (tests/plugins/test_apollo_zero.py).
+        # A 4-bit base has no full weights to train: APOLLO is a full-parameter optimizer.
+        supports=frozenset({"ddp", "zero2", "zero3"}),
     )
 
 
@@ -75,6 +76,12 @@ def validate(args):
         if args.max_grad_norm and args.max_grad_norm > 0:
             raise ConfigError("apollo_layerwise updates each weight inside backward, before the whole-model "
                               "gradient norm exists, so it cannot clip: set max_grad_norm 0")
+        from trainer_plugins.trainer import deepspeed_stage  # loads transformers: only when needed
+
+        if deepspeed_stage(args) is not None:
+            raise ConfigError("apollo_layerwise steps the model's own weights inside backward; under DeepSpeed "
+                              "ZeRO the optimizer owns partitioned copies. Use apollo without layerwise (ZeRO "
+                              "partitions its state already), or layerwise without DeepSpeed")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("apollo_layerwise runs in a single process only (under DDP a weight would be "
                               "updated before its gradient is all-reduced); without it, apollo works with DDP")
@@ -126,6 +133,13 @@ def create_optimizer(model, args, trainer):
                        norm_growth_limiter=args.apollo_norm_growth_limiter, seed=args.seed)
     if args.apollo_layerwise:
         install_layerwise_hooks(model, optimizer, trainer)
+    from trainer_plugins.trainer import deepspeed_stage
+
+    if deepspeed_stage(args) is not None:
+        # DeepSpeed wraps this optimizer after the hook returns; the layout is read at the first step.
+        from trainer_plugins.zero import zero_layout
+
+        optimizer.attach_zero(lambda: zero_layout(trainer.optimizer))
     return optimizer
 
 
