@@ -159,3 +159,12 @@ def test_param_groups():
                              no_decay=lambda n: "bias" in n or n.startswith("1."), rank=2)
     assert [len(g["params"]) for g in gs] == [1, 4, 1]
     assert gs[2]["rank"] == 2 and gs[2]["params"][0] is model[0].weight and gs[1]["weight_decay"] == 0.0
+
+
+def test_flat_partition_without_layout_is_an_error_not_silent_adamw():
+    """What ZeRO hands the optimizer when nobody told APOLLO the layout: refuse, never fall back to AdamW."""
+    flat = torch.nn.Parameter(torch.randn(12))
+    opt = APOLLO([{"params": [flat], "rank": 1, "scale_type": "tensor"}], lr=0.1)
+    flat.grad = torch.randn(12)
+    with pytest.raises(RuntimeError, match="attach_zero"):
+        opt.step()
