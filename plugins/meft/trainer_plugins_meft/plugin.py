@@ -1,0 +1,147 @@
+"""Trainer glue for MEFT: flags, checks, the peft LoRA + coupling conversion, the saved config.
+The method is in reversible.py (autograd) and llama.py (the coupling for pre-norm decoders)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from trainer_plugins import ConfigError, PluginSpec, hookimpl
+
+CONFIG_NAME = "meft_config.json"
+STREAM_DTYPES = ("float64", "float32", "model")
+
+
+@dataclass
+class MeftArguments:
+    meft: Literal["off", "meft1", "meft2", "meft3"] = field(
+        default="off",
+        metadata={"help": "Reversible fine-tuning. Decoders (Llama/Qwen2/Mistral): meft1 = F is each pretrained "
+                          "layer's update with LoRA inside, G = identity + adapter, lam = gamma, beta = 1."})
+    meft_gamma: float = field(default=0.125, metadata={
+        "help": "lam of the coupling: the momentum kept from the previous layer's update. Smaller = closer to the "
+                "pretrained model at the start, larger = less rounding error in the reconstruction (1/gamma per "
+                "layer). A power of two (0.125) makes the division exact in binary floating point."})
+    meft_reversible_layers: int = field(default=-1, metadata={
+        "help": "Reversible bottom layers (-1: all); the layers above keep their activations (plain autograd)."})
+    meft_segment_layers: int = field(default=4, metadata={
+        "help": "Store the streams every N layers so no reconstruction spans more than N layers (0: never)."})
+    meft_stream_dtype: str = field(default="float64", metadata={
+        "help": "dtype of the two streams (float64, float32 or model); layers still compute in the model's dtype."})
+    meft_adapter_dim: int = field(default=8, metadata={"help": "Bottleneck of the adapter in G (0: G = identity)."})
+    meft_lora_r: int = field(default=8, metadata={"help": "LoRA rank inside F (the pretrained layers)."})
+    meft_lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha."})
+    meft_lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (replayed exactly in backward)."})
+    meft_lora_target_modules: str = field(default="all-linear", metadata={
+        "help": "peft target_modules: 'all-linear' or comma-separated names (q_proj,v_proj)."})
+
+
+@hookimpl
+def plugin_spec():
+    return PluginSpec(
+        name="meft",
+        arguments=MeftArguments,
+        description="MEFT: reversible adapters; activations recomputed from outputs in backward, not stored",
+        # DDP: the coupling's backward hands parameter gradients to autograd like any other (one
+        # reduction per parameter). ZeRO and 4-bit bases: not tested yet, so refused.
+        supports=frozenset({"ddp"}),
+        conflicts={"apollo": "MEFT trains adapters; APOLLO is a full-parameter optimizer"},
+    )
+
+
+@hookimpl
+def validate(args, model_args, model_config):
+    from .llama import SUPPORTED
+
+    if args.meft in ("meft2", "meft3"):
+        raise ConfigError(
+            f"meft={args.meft} is defined for post-norm encoders (BERT), not implemented yet; for pre-norm decoders "
+            "use meft1 (README: why MEFT3's F = attention, G = MLP cannot see the residual stream in a pre-norm layer)")
+    if not 0 < args.meft_gamma <= 1:
+        raise ConfigError(f"meft_gamma must be in (0, 1], got {args.meft_gamma}: the coupling divides by it")
+    if args.meft_reversible_layers < -1:
+        raise ConfigError(f"meft_reversible_layers must be -1 (all) or >= 0, got {args.meft_reversible_layers}")
+    if args.meft_segment_layers < 0:
+        raise ConfigError(f"meft_segment_layers must be >= 0, got {args.meft_segment_layers}")
+    if args.meft_stream_dtype not in STREAM_DTYPES:
+        raise ConfigError(f"meft_stream_dtype must be one of {STREAM_DTYPES}, got {args.meft_stream_dtype!r}")
+    if args.meft_adapter_dim < 0 or args.meft_lora_r < 1:
+        raise ConfigError("meft_adapter_dim must be >= 0 and meft_lora_r >= 1")
+    if not 0 <= args.meft_lora_dropout < 1:
+        raise ConfigError(f"meft_lora_dropout must be in [0, 1), got {args.meft_lora_dropout}")
+    if getattr(args, "gradient_checkpointing", False) or getattr(args, "activation_checkpointing", False):
+        raise ConfigError("meft recomputes activations itself; activation (gradient) checkpointing would recompute "
+                          "them twice: set activation_checkpointing false")
+    model_type = getattr(model_config, "model_type", None)
+    if model_config is not None and model_type not in SUPPORTED:
+        raise ConfigError(f"meft supports the model types {SUPPORTED} (pre-norm decoders), not {model_type!r}")
+
+
+def settings_of(args):
+    import torch
+
+    from .llama import MeftSettings
+
+    dtype = None if args.meft_stream_dtype == "model" else getattr(torch, args.meft_stream_dtype)
+    return MeftSettings(
+        gamma=args.meft_gamma,
+        reversible_layers=None if args.meft_reversible_layers < 0 else args.meft_reversible_layers,
+        segment=args.meft_segment_layers or None,
+        stream_dtype=dtype,
+    )
+
+
+def lora_config(args):
+    from peft import LoraConfig
+
+    targets = args.meft_lora_target_modules
+    return LoraConfig(
+        r=args.meft_lora_r, lora_alpha=args.meft_lora_alpha, lora_dropout=args.meft_lora_dropout,
+        target_modules=targets if targets == "all-linear" else targets.split(","),
+        modules_to_save=["meft_adapter"] if args.meft_adapter_dim else None, task_type="CAUSAL_LM",
+    )
+
+
+@hookimpl
+def prepare_model(model, args):
+    from peft import get_peft_model
+
+    from .llama import add_adapters, convert
+
+    if args.meft_adapter_dim:
+        add_adapters(model, args.meft_adapter_dim)
+    model = get_peft_model(model, lora_config(args))
+    return convert(model, settings_of(args))
+
+
+@hookimpl
+def export(trainer, output_dir):
+    args = trainer.args
+    config = {
+        "variant": args.meft, "gamma": args.meft_gamma, "reversible_layers": args.meft_reversible_layers,
+        "segment_layers": args.meft_segment_layers, "stream_dtype": args.meft_stream_dtype,
+        "adapter_dim": args.meft_adapter_dim,
+    }
+    with open(os.path.join(output_dir, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def load(base_model, adapter_dir):
+    """The trained MEFT model: ``base_model`` (the original pretrained model) + the saved peft adapter
+    and G adapters in ``adapter_dir``, run as the same couplings as in training."""
+    import torch
+    from peft import PeftModel
+
+    from .llama import MeftSettings, add_adapters, convert
+
+    with open(os.path.join(adapter_dir, CONFIG_NAME)) as f:
+        config = json.load(f)
+    if config["adapter_dim"]:
+        add_adapters(base_model, config["adapter_dim"])
+    model = PeftModel.from_pretrained(base_model, adapter_dir)
+    dtype = None if config["stream_dtype"] == "model" else getattr(torch, config["stream_dtype"])
+    return convert(model, MeftSettings(
+        gamma=config["gamma"], reversible_layers=None if config["reversible_layers"] < 0 else config["reversible_layers"],
+        segment=config["segment_layers"] or None, stream_dtype=dtype))

@@ -1,0 +1,182 @@
+"""MEFT for Llama-family decoders: the start is the pretrained model (up to gamma), the reversible backward
+gives plain autograd's gradients, activations are not stored, training resumes exactly, outputs reload."""
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from trainer_plugins import PluginConfigError, PluginTrainer, PluginTrainingArguments
+from trainer_plugins.models import tiny_llama_config
+from trainer_plugins_meft import plugin as meft_plugin
+from trainer_plugins_meft.llama import MeftSettings, convert
+
+IDS = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(3))
+COMMON = dict(per_device_train_batch_size=4, logging_steps=1, report_to=[], use_cpu=True, seed=0,
+              save_strategy="no", disable_tqdm=True)
+
+
+def llama(layers=4):
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_llama_config(num_hidden_layers=layers))
+
+
+def args(**kw):
+    return PluginTrainingArguments(output_dir="unused", meft="meft1", **{**COMMON, **kw})
+
+
+def prepared(a, layers=4, perturb=True):
+    """A MEFT model; with ``perturb`` the LoRA B and adapter up-projections are non-zero, so every
+    trainable parameter gets a gradient and the two streams really differ."""
+    model = meft_plugin.prepare_model(llama(layers), a)
+    if perturb:
+        g = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data.normal_(0, 0.05, generator=g)
+    return model.train()
+
+
+def gradients(model):
+    model.zero_grad()
+    model(IDS, labels=IDS).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def rel_error(got, want):
+    return max(float((got[n] - want[n]).norm() / want[n].norm()) for n in want)
+
+
+@pytest.mark.parametrize("gamma, stream, segment, tol", [
+    (0.125, "float64", 0, 1e-9),  # the defaults' arithmetic: a power-of-two gamma divides exactly
+    (0.5, "float32", 2, 1e-5),
+    (0.1, "float64", 2, 1e-5),
+])
+def test_reversible_backward_equals_plain_autograd(gamma, stream, segment, tol):
+    a = args(meft_gamma=gamma, meft_stream_dtype=stream, meft_segment_layers=segment)
+    plain = gradients(prepared(args(meft_gamma=gamma, meft_stream_dtype=stream, meft_reversible_layers=0)))
+    reversible = gradients(prepared(a))
+    assert len(plain) == 4 * (7 * 2 + 2)  # LoRA A, B on 7 linears + the G adapter's two matrices, 4 layers
+    assert all(g.abs().sum() > 0 for g in plain.values())
+    assert rel_error(reversible, plain) < tol
+
+
+def test_partial_reversibility_and_fp32_error_growth():
+    """fp32 streams at gamma 0.1: the error grows with the number of layers reconstructed in a row;
+    keeping the top layers plain (or storing segments) bounds it."""
+    def error(**kw):
+        plain = gradients(prepared(args(meft_stream_dtype="float32", meft_reversible_layers=0), layers=6))
+        return rel_error(gradients(prepared(args(meft_stream_dtype="float32", **kw), layers=6)), plain)
+
+    full = error(meft_segment_layers=0)
+    bottom2 = error(meft_segment_layers=0, meft_reversible_layers=2)
+    segments2 = error(meft_segment_layers=2)
+    assert bottom2 < full and segments2 < full
+    assert segments2 < 1e-4
+
+
+def test_only_outputs_are_stored_not_activations():
+    def saved_bytes(model):
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(IDS, labels=IDS).loss
+        return total
+
+    def per_4_layers(**kw):  # what 4 more layers add to the saved tensors (the head's logits etc. cancel)
+        return saved_bytes(prepared(args(**kw), layers=8)) - saved_bytes(prepared(args(**kw), layers=4))
+
+    plain = per_4_layers(meft_reversible_layers=0)
+    one_segment = per_4_layers(meft_segment_layers=0)
+    segments_of_4 = per_4_layers()  # the default: the two fp64 streams stored every 4 layers
+    assert plain > 0
+    assert one_segment <= 0.01 * plain
+    stream_pair = 2 * IDS.numel() * 64 * 8  # two fp64 streams of width 64
+    assert segments_of_4 == stream_pair and segments_of_4 <= 0.2 * plain
+
+
+@pytest.mark.parametrize("gamma", [0.1, 0.01, 1e-4])
+def test_start_is_the_pretrained_model_up_to_gamma(gamma):
+    original = llama().eval()
+    with torch.no_grad():
+        want = original(IDS).logits
+        got = prepared(args(meft_gamma=gamma), perturb=False).eval()(IDS).logits
+    # each layer adds gamma x the previous layer's update: the deviation is linear in gamma
+    assert float((got - want).abs().max()) <= gamma * float(want.abs().max())
+
+
+def test_backbone_frozen_and_no_gradient_reaches_it():
+    model = prepared(args())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "meft_adapter" in n for n in trainable)
+    gradients(model)
+    assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def test_cached_generation_equals_uncached():
+    model = prepared(args()).eval()
+    with torch.no_grad():
+        cached = model.generate(IDS[:1, :8], max_new_tokens=6, do_sample=False, use_cache=True)
+        uncached = model.generate(IDS[:1, :8], max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def counting_dataset():
+    """Runs of consecutive token ids: learnable in a few steps, unlike random tokens."""
+    return [{"input_ids": [(s * 7 + k) % 1000 for k in range(32)], "labels": [(s * 7 + k) % 1000 for k in range(32)]}
+            for s in range(64)]
+
+
+def test_trains_resumes_exactly_and_reloads(tmp_path):
+    token_dataset = counting_dataset()
+    kw = dict(max_steps=8, save_strategy="steps", save_steps=4, meft_lora_dropout=0.1, learning_rate=3e-2,
+              **{k: v for k, v in COMMON.items() if k != "save_strategy"})
+    full = PluginTrainer(model=llama(2), train_dataset=token_dataset,
+                         args=PluginTrainingArguments(output_dir=str(tmp_path / "a"), meft="meft1", **kw))
+    full.train()
+    PluginTrainer(model=llama(2), train_dataset=token_dataset,
+                  args=PluginTrainingArguments(output_dir=str(tmp_path / "b"), meft="meft1", **kw)).train()
+    resumed = PluginTrainer(model=llama(2), train_dataset=token_dataset,
+                            args=PluginTrainingArguments(output_dir=str(tmp_path / "b"), meft="meft1", **kw))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-4"))
+    assert losses(resumed) == pytest.approx(losses(full), abs=1e-6) and len(losses(full)) == 8
+    # the adapters learned through the reversible backward (LoRA B and the G up-projections start at 0)
+    trained = {n: p for n, p in full.model.named_parameters() if p.requires_grad}
+    assert all(p.abs().max() > 0 for n, p in trained.items() if "lora_B" in n or ".up." in n)
+
+    full.save_model()  # final save: peft adapter (LoRA + G adapters) + meft_config.json
+    out = tmp_path / "a"
+    assert (out / "adapter_model.safetensors").is_file() and (out / "meft_config.json").is_file()
+    reloaded = meft_plugin.load(llama(2), str(out)).eval()
+    full.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, full.model(IDS).logits, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"meft": "meft3"}, "meft=meft3 is defined for post-norm encoders"),
+    ({"meft_gamma": 0.0}, "meft_gamma must be in"),
+    ({"meft_stream_dtype": "float16x"}, "meft_stream_dtype must be one of"),
+    ({"gradient_checkpointing": True}, "activation \\(gradient\\) checkpointing"),
+    ({"apollo": "mini"}, "conflicts|MEFT trains adapters"),
+])
+def test_bad_input(tmp_path, kw, message):
+    a = PluginTrainingArguments(output_dir=str(tmp_path), **{"meft": "meft1", **kw})
+    with pytest.raises(PluginConfigError, match=message):
+        PluginTrainer(model=llama(2), args=a)
+
+
+def test_unsupported_architecture(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
+    with pytest.raises(PluginConfigError, match="model types"):
+        PluginTrainer(model=model, args=PluginTrainingArguments(output_dir=str(tmp_path), meft="meft1"))
