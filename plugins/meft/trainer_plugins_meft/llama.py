@@ -45,7 +45,7 @@ class RevAdapter(torch.nn.Module):
 
 @dataclass
 class MeftSettings:
-    gamma: float = 0.125
+    gamma: float = 0.03125
     reversible_layers: int | None = None  # the bottom k layers; None: all
     segment: int | None = 4  # layers per stored segment; None: one segment
     stream_dtype: torch.dtype | None = torch.float64  # None: the model's dtype

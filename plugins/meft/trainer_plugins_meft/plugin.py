@@ -20,10 +20,10 @@ class MeftArguments:
         default="off",
         metadata={"help": "Reversible fine-tuning. Decoders (Llama/Qwen2/Mistral): meft1 = F is each pretrained "
                           "layer's update with LoRA inside, G = identity + adapter, lam = gamma, beta = 1."})
-    meft_gamma: float = field(default=0.125, metadata={
+    meft_gamma: float = field(default=0.03125, metadata={
         "help": "lam of the coupling: the momentum kept from the previous layer's update. Smaller = closer to the "
                 "pretrained model at the start, larger = less rounding error in the reconstruction (1/gamma per "
-                "layer). A power of two (0.125) makes the division exact in binary floating point."})
+                "layer). A power of two (1/32) makes the division exact in binary floating point."})
     meft_reversible_layers: int = field(default=-1, metadata={
         "help": "Reversible bottom layers (-1: all); the layers above keep their activations (plain autograd)."})
     meft_segment_layers: int = field(default=4, metadata={
