@@ -2,14 +2,12 @@
 a recipe trains through the CLI with two processes (torchrun, gloo)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import probe_plugin
 import pytest
 import torch
+from helpers import torchrun_cli
 from transformers import LlamaForCausalLM
 
 from trainer_plugins import PluginTrainer
@@ -68,10 +66,7 @@ train:
   deepspeed: {ROOT / 'recipes' / 'deepspeed' / f'zero{stage}.json'}
 run: {{sample_prompt: "Say hi", sample_max_new_tokens: 4}}
 """)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(29600 + stage), str(ROOT / "tests" / "host" / "cli_no_shm.py"),
-                          "train", str(recipe)], env=env, capture_output=True, text=True, timeout=600)
+    out = torchrun_cli(["train", recipe], port=29600 + stage)
     assert out.returncode == 0, out.stderr[-4000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["train"]["steps"] == 4

@@ -9,13 +9,10 @@ from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 from trainer_plugins import PluginConfigError, PluginTrainer
 from trainer_plugins.arguments import arguments_class
 from trainer_plugins.models import tiny_llama_config
+from helpers import losses
 
 COMMON = dict(max_steps=8, per_device_train_batch_size=4, logging_steps=1, report_to=[], use_cpu=True,
               seed=0, learning_rate=1e-3, save_strategy="no", disable_tqdm=True)
-
-
-def losses(trainer):
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
 def fresh_model():

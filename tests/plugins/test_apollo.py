@@ -7,6 +7,7 @@ from transformers import LlamaForCausalLM
 from trainer_plugins import ConfigError, PluginConfigError, PluginTrainer, PluginTrainingArguments
 from trainer_plugins.models import tiny_llama_config
 from trainer_plugins_apollo import APOLLO
+from helpers import counting_dataset, losses
 
 COMMON = dict(per_device_train_batch_size=4, logging_steps=1, report_to=[], use_cpu=True, seed=0,
               learning_rate=1e-2, save_strategy="no", disable_tqdm=True, weight_decay=0.1)
@@ -15,16 +16,6 @@ COMMON = dict(per_device_train_batch_size=4, logging_steps=1, report_to=[], use_
 def model():
     torch.manual_seed(0)
     return LlamaForCausalLM(tiny_llama_config())
-
-
-def losses(trainer):
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
-
-
-def counting_dataset():
-    """Runs of consecutive token ids: learnable in a few dozen steps, unlike random tokens."""
-    return [{"input_ids": [(s * 7 + k) % 1000 for k in range(32)], "labels": [(s * 7 + k) % 1000 for k in range(32)]}
-            for s in range(64)]
 
 
 def test_mini_builds_apollo_with_adamw_groups_and_trains(tmp_path):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import torchrun_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("apollo_zero_worker.py")
@@ -55,10 +56,7 @@ train:
   use_cpu: true
   deepspeed: {ROOT / 'recipes' / 'deepspeed' / f'zero{stage}.json'}
 """)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(29720 + stage), str(ROOT / "tests" / "host" / "cli_no_shm.py"),
-                          "train", str(recipe)], env=env, capture_output=True, text=True, timeout=600)
+    run = torchrun_cli(["train", recipe], port=29720 + stage)
     assert run.returncode == 0, run.stderr[-4000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["after"]["eval_loss"] < results["before"]["eval_loss"]

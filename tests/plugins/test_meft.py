@@ -9,6 +9,7 @@ from trainer_plugins import PluginConfigError, PluginTrainer, PluginTrainingArgu
 from trainer_plugins.models import tiny_llama_config
 from trainer_plugins_meft import plugin as meft_plugin
 from trainer_plugins_meft.llama import MeftSettings, convert
+from helpers import counting_dataset, losses
 
 IDS = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(3))
 COMMON = dict(per_device_train_batch_size=4, logging_steps=1, report_to=[], use_cpu=True, seed=0,
@@ -123,16 +124,6 @@ def test_cached_generation_equals_uncached():
         cached = model.generate(IDS[:1, :8], max_new_tokens=6, do_sample=False, use_cache=True)
         uncached = model.generate(IDS[:1, :8], max_new_tokens=6, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
-
-
-def losses(trainer):
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
-
-
-def counting_dataset():
-    """Runs of consecutive token ids: learnable in a few steps, unlike random tokens."""
-    return [{"input_ids": [(s * 7 + k) % 1000 for k in range(32)], "labels": [(s * 7 + k) % 1000 for k in range(32)]}
-            for s in range(64)]
 
 
 def test_trains_resumes_exactly_and_reloads(tmp_path):

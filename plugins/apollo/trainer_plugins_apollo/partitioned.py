@@ -37,7 +37,7 @@ def step_shard(optimizer, group: dict, shard) -> None:
     held = {id(piece.param): piece for piece in shard.pieces}
     proj_rank = group["rank"]
 
-    work = []  # (index, piece, shape, spans, rows_view info...) for held weights
+    work = []  # the 2-D weights this rank holds part of
     dense = []
     for index, (param, shape, spans) in enumerate(shard.params):
         piece = held.get(id(param))
