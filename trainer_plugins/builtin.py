@@ -24,7 +24,7 @@ def load_model(args, model_args):
     if model_args is None:
         return None
     from .models import load_model as load
-    from .trainer import deepspeed_stage
+    from .spec import deepspeed_stage
 
     return load(model_args, zero3=deepspeed_stage(args) == 3)
 

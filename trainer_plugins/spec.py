@@ -1,11 +1,16 @@
-"""What a plugin declares about itself (returned by its ``plugin_spec`` hook). Plain data."""
+"""What a plugin declares about itself (returned by its ``plugin_spec`` hook), and which of the declared
+setups a run needs. Plain data and light functions: plugins import this without loading transformers."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from .errors import ConfigError
 
 # The setups a run can need; "single" (one process, full precision) is always supported.
 SETUPS = {
@@ -74,3 +79,32 @@ def is_switched_on(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lower() not in _OFF
     return value not in _OFF
+
+
+def deepspeed_stage(args: Any) -> int | None:
+    """ZeRO stage of the run (from TrainingArguments.deepspeed or an accelerate DeepSpeed launch), or None."""
+    config = getattr(args, "deepspeed", None)
+    if config:
+        if isinstance(config, str):
+            try:
+                with open(config) as f:
+                    config = json.load(f)
+            except (OSError, json.JSONDecodeError) as exc:
+                raise ConfigError(f"deepspeed: cannot read the DeepSpeed config {config!r}: {exc}") from exc
+        return int(config.get("zero_optimization", {}).get("stage", 0))
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))
+    return None
+
+
+def run_setup(args: Any, model: Any = None, model_args: Any = None) -> set[str]:
+    """The setups (see spec.SETUPS) this run needs: DDP, ZeRO-1/2, ZeRO-3, a 4-bit base."""
+    setup = set()
+    stage = deepspeed_stage(args)
+    if stage is not None:
+        setup.add("zero3" if stage == 3 else "zero2")
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        setup.add("ddp")
+    if getattr(model_args, "load_in_4bit", False) or getattr(model, "is_loaded_in_4bit", False):
+        setup.add("4bit")
+    return setup

@@ -7,7 +7,6 @@ overridden: ``__init__``, ``create_optimizer``, ``train``, ``save_model`` and ``
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
@@ -17,39 +16,10 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .errors import ConfigError
 from .manager import BUILTIN, PluginHost, get_host
+from .spec import deepspeed_stage, run_setup  # noqa: F401  (re-exported: plugins import them from here too)
 
 logger = logging.getLogger("trainer_plugins")
-
-
-def deepspeed_stage(args: Any) -> int | None:
-    """ZeRO stage of the run (from TrainingArguments.deepspeed or an accelerate DeepSpeed launch), or None."""
-    config = getattr(args, "deepspeed", None)
-    if config:
-        if isinstance(config, str):
-            try:
-                with open(config) as f:
-                    config = json.load(f)
-            except (OSError, json.JSONDecodeError) as exc:
-                raise ConfigError(f"deepspeed: cannot read the DeepSpeed config {config!r}: {exc}") from exc
-        return int(config.get("zero_optimization", {}).get("stage", 0))
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))
-    return None
-
-
-def run_setup(args: Any, model: Any = None, model_args: Any = None) -> set[str]:
-    """The setups (see spec.SETUPS) this run needs: DDP, ZeRO-1/2, ZeRO-3, a 4-bit base."""
-    setup = set()
-    stage = deepspeed_stage(args)
-    if stage is not None:
-        setup.add("zero3" if stage == 3 else "zero2")
-    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        setup.add("ddp")
-    if getattr(model_args, "load_in_4bit", False) or getattr(model, "is_loaded_in_4bit", False):
-        setup.add("4bit")
-    return setup
 
 
 def validate_run(host: PluginHost, args: Any, model_args: Any = None, model_config: Any = None, model: Any = None):

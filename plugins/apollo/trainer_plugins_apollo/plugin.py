@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from trainer_plugins import ConfigError, PluginSpec, hookimpl
+from trainer_plugins.spec import deepspeed_stage
 
 # (rank, scale, scale_type) per mode: the paper's defaults (methods.md 1.4) for 1B/7B models.
 MODES = {"apollo": (256, 1.0, "channel"), "mini": (1, 128.0, "tensor")}
@@ -76,8 +77,6 @@ def validate(args):
         if args.max_grad_norm and args.max_grad_norm > 0:
             raise ConfigError("apollo_layerwise updates each weight inside backward, before the whole-model "
                               "gradient norm exists, so it cannot clip: set max_grad_norm 0")
-        from trainer_plugins.trainer import deepspeed_stage  # loads transformers: only when needed
-
         if deepspeed_stage(args) is not None:
             raise ConfigError("apollo_layerwise steps the model's own weights inside backward; under DeepSpeed "
                               "ZeRO the optimizer owns partitioned copies. Use apollo without layerwise (ZeRO "
@@ -133,8 +132,6 @@ def create_optimizer(model, args, trainer):
                        norm_growth_limiter=args.apollo_norm_growth_limiter, seed=args.seed)
     if args.apollo_layerwise:
         install_layerwise_hooks(model, optimizer, trainer)
-    from trainer_plugins.trainer import deepspeed_stage
-
     if deepspeed_stage(args) is not None:
         # DeepSpeed wraps this optimizer after the hook returns; the layout is read at the first step.
         from trainer_plugins.zero import zero_layout
