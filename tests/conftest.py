@@ -46,7 +46,9 @@ def deepspeed_env(monkeypatch):
     (TrainingArguments(deepspeed=...) leaves ACCELERATE_USE_DEEPSPEED and a global HF DeepSpeed config)."""
     import importlib
 
-    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1").items():
+    from helpers import free_port
+
+    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1").items():
         monkeypatch.setenv(k, v)
     importlib.import_module("deepspeed.comm.torch")
     # Skip the 30-50 s JIT build of the shared-memory op DeepSpeed builds at init on CPU.

@@ -1,6 +1,7 @@
 """Small helpers the test files share (plain functions; fixtures live in conftest.py)."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +20,21 @@ def counting_dataset():
             for s in range(64)]
 
 
-def torchrun_cli(args, port: int, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`trainer-plugins ARGS` in 2 CPU processes (torchrun, gloo), without DeepSpeed's shm JIT build."""
+def free_port() -> int:
+    """A port nothing listens on now: another test run on this machine may hold any fixed one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script, args, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python SCRIPT ARGS`` in 2 CPU processes (torchrun, gloo)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(port), str(ROOT / "tests" / "host" / "cli_no_shm.py"), *map(str, args)],
+                           "--master_port", str(free_port()), str(script), *map(str, args)],
                           env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun_cli(args, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`trainer-plugins ARGS` in 2 CPU processes, without DeepSpeed's shm JIT build (tests/host/cli_no_shm.py)."""
+    return torchrun(ROOT / "tests" / "host" / "cli_no_shm.py", args, timeout)

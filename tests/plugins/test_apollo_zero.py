@@ -2,13 +2,12 @@
 batch (within fp32 rounding), weights cut mid-row between ranks included, and exact checkpoint resume."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import torchrun_cli
+import torch
+from helpers import torchrun, torchrun_cli
+from transformers import LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("apollo_zero_worker.py")
@@ -17,10 +16,7 @@ WORKER = Path(__file__).with_name("apollo_zero_worker.py")
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_updates_equal_single_process_and_resume_exactly(stage, tmp_path):
     out = tmp_path / "report.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(29710 + stage), str(WORKER), str(stage), str(out),
-                          str(tmp_path / "ckpt")], env=env, capture_output=True, text=True, timeout=300)
+    run = torchrun(WORKER, [stage, out, tmp_path / "ckpt"], timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
     report = json.loads(out.read_text())
     assert report["world_size"] == 2
@@ -56,16 +52,13 @@ train:
   use_cpu: true
   deepspeed: {ROOT / 'recipes' / 'deepspeed' / f'zero{stage}.json'}
 """)
-    run = torchrun_cli(["train", recipe], port=29720 + stage)
+    run = torchrun_cli(["train", recipe])
     assert run.returncode == 0, run.stderr[-4000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["after"]["eval_loss"] < results["before"]["eval_loss"]
     report = json.loads((tmp_path / "out" / "memory_report.json").read_text())
     # This rank's state: AdamW's two fp32 moments for its half of the embeddings/norms/head, and almost
     # nothing for its half of the linear weights (rank-1 moments): the linear weights' share is gone.
-    import torch
-    from transformers import LlamaForCausalLM
-
     net = LlamaForCausalLM.from_pretrained(tiny_model_dir)
     linear = sum(m.weight.numel() for m in net.model.modules() if isinstance(m, torch.nn.Linear))
     adamw_everything = report["trainable_parameters"] * 8 / 2
