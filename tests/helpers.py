@@ -38,3 +38,22 @@ def torchrun(script, args, timeout: int = 600) -> subprocess.CompletedProcess:
 def torchrun_cli(args, timeout: int = 600) -> subprocess.CompletedProcess:
     """`trainer-plugins ARGS` in 2 CPU processes, without DeepSpeed's shm JIT build (tests/host/cli_no_shm.py)."""
     return torchrun(ROOT / "tests" / "host" / "cli_no_shm.py", args, timeout)
+
+
+def zero_recipe(tmp_path, model_dir, stage: int, run: dict | None = None, **train) -> Path:
+    """A tiny CPU recipe (stdlib data, 4 steps, a checkpoint at step 4) under the shipped ZeRO config,
+    output in tmp_path/out; ``train`` adds or overrides train keys."""
+    import yaml
+
+    recipe = {
+        "model": {"model_name_or_path": str(model_dir), "dtype": "float32"},
+        "data": {"dataset": "stdlib", "max_seq_length": 64, "max_train_samples": 32, "max_eval_samples": 8},
+        "train": {"output_dir": str(tmp_path / "out"), "max_steps": 4, "per_device_train_batch_size": 2,
+                  "logging_steps": 1, "save_strategy": "steps", "save_steps": 4, "report_to": [], "use_cpu": True,
+                  "deepspeed": str(ROOT / "recipes" / "deepspeed" / f"zero{stage}.json"), **train},
+    }
+    if run:
+        recipe["run"] = run
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path

@@ -2,19 +2,17 @@
 a recipe trains through the CLI with two processes (torchrun, gloo)."""
 
 import json
-from pathlib import Path
 
 import probe_plugin
 import pytest
 import torch
-from helpers import torchrun_cli
+from helpers import torchrun_cli, zero_recipe
 from transformers import LlamaForCausalLM
 
 from trainer_plugins import PluginTrainer
 from trainer_plugins.arguments import arguments_class
 from trainer_plugins.models import tiny_llama_config
 
-ROOT = Path(__file__).resolve().parents[2]
 COMMON = dict(max_steps=6, per_device_train_batch_size=4, logging_steps=1, report_to=[], use_cpu=True, seed=0,
               learning_rate=1e-2, save_strategy="no", disable_tqdm=True)
 
@@ -50,22 +48,7 @@ def test_plugin_optimizer_is_wrapped_by_zero(stage, tmp_path, token_dataset, pro
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_recipe_with_two_processes(stage, tmp_path, tiny_model_dir):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"""
-model: {{model_name_or_path: {tiny_model_dir}, dtype: float32}}
-data: {{dataset: stdlib, max_seq_length: 64, max_train_samples: 32, max_eval_samples: 8}}
-train:
-  output_dir: {tmp_path / 'out'}
-  max_steps: 4
-  per_device_train_batch_size: 2
-  logging_steps: 1
-  save_strategy: steps
-  save_steps: 4
-  report_to: []
-  use_cpu: true
-  deepspeed: {ROOT / 'recipes' / 'deepspeed' / f'zero{stage}.json'}
-run: {{sample_prompt: "Say hi", sample_max_new_tokens: 4}}
-""")
+    recipe = zero_recipe(tmp_path, tiny_model_dir, stage, run={"sample_prompt": "Say hi", "sample_max_new_tokens": 4})
     out = torchrun_cli(["train", recipe])
     assert out.returncode == 0, out.stderr[-4000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import torchrun, torchrun_cli
+from helpers import torchrun, torchrun_cli, zero_recipe
 from transformers import LlamaForCausalLM
 
-ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("apollo_zero_worker.py")
 
 
@@ -34,24 +33,7 @@ def test_zero_updates_equal_single_process_and_resume_exactly(stage, tmp_path):
 def test_recipe_with_apollo_mini_under_zero_two_processes(stage, tmp_path, tiny_model_dir):
     """The whole path users take: CLI recipe, torchrun, ZeRO config file; ZeRO-3 partitions the weights while
     loading, so the optimizer groups are built from partitioned parameters."""
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"""
-model: {{model_name_or_path: {tiny_model_dir}, dtype: float32}}
-data: {{dataset: stdlib, max_seq_length: 64, max_train_samples: 32, max_eval_samples: 8}}
-train:
-  output_dir: {tmp_path / 'out'}
-  apollo: mini
-  apollo_update_proj_gap: 2
-  learning_rate: 0.01
-  max_steps: 4
-  per_device_train_batch_size: 2
-  logging_steps: 1
-  save_strategy: steps
-  save_steps: 4
-  report_to: []
-  use_cpu: true
-  deepspeed: {ROOT / 'recipes' / 'deepspeed' / f'zero{stage}.json'}
-""")
+    recipe = zero_recipe(tmp_path, tiny_model_dir, stage, apollo="mini", apollo_update_proj_gap=2, learning_rate=0.01)
     run = torchrun_cli(["train", recipe])
     assert run.returncode == 0, run.stderr[-4000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
