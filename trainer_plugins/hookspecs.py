@@ -12,6 +12,7 @@ Order of a training run::
     load_model                       the recipe/CLI needs a model (first non-None result wins)
     prepare_model                    before the Trainer is built (each enabled plugin in turn)
     callbacks                        when the Trainer is built
+    metrics                          whenever the Trainer logs training metrics
     create_optimizer                 inside Trainer.create_optimizer, so DeepSpeed gets it too
     save_model                       whenever the Trainer writes model weights (checkpoints and final)
     export                           after the final save_model (not after checkpoints)
@@ -89,10 +90,21 @@ def prepare_model(model, args):
 
 
 @hookspec
-def callbacks(args):
+def callbacks(args, trainer):
     """Return a list of ``transformers.TrainerCallback`` to add to the Trainer (schedules, masks,
-    logging). Callbacks see the model, optimizer and scheduler through the usual callback kwargs.
-    Callbacks that hold state to resume should implement ``transformers.trainer_callback.ExportableState``.
+    logging). Callbacks see the model, optimizer and scheduler through the usual callback kwargs;
+    ``trainer`` is the Trainer being built (its ``__init__`` has not finished: keep the reference and
+    use it from the callback's events). Callbacks that hold state to resume should implement
+    ``transformers.trainer_callback.ExportableState``.
+    """
+
+
+@hookspec
+def metrics(trainer):
+    """Return a dict of numbers to add to the training logs (TensorBoard, W&B, ``log_history``), or None.
+
+    Called each time the Trainer logs training metrics (``logging_steps``), on every process; only
+    the main process reports. Prefix keys with the plugin's name (``sparse/sparsity``).
     """
 
 

@@ -2,7 +2,7 @@
 
 Mix it in front of any Trainer subclass (``class MySFT(PluginsMixin, SFTTrainer)``);
 ``PluginTrainer`` is ``PluginsMixin + Trainer``. Only public or long-stable Trainer methods are
-overridden: ``__init__``, ``create_optimizer``, ``train``, ``save_model`` and ``_save``.
+overridden: ``__init__``, ``create_optimizer``, ``train``, ``log``, ``save_model`` and ``_save``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class PluginsMixin:
                     kwargs["model"] = model
                 else:
                     args = (model, *args[1:])
-            extra = [cb for cbs in host.call("callbacks", train_args) for cb in cbs]
+            extra = [cb for cbs in host.call("callbacks", train_args, trainer=self) for cb in cbs]
             kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + extra
         super().__init__(*args, **kwargs)
 
@@ -62,6 +62,13 @@ class PluginsMixin:
         if self.is_world_process_zero():
             logger.warning(self.plugins_banner())
         return super().train(*args, **kwargs)
+
+    def log(self, logs: dict, *args: Any, **kwargs: Any) -> None:
+        # Training logs carry "loss"; evaluation and the end-of-training summary do not get plugin metrics.
+        if "loss" in logs:
+            for extra in self.plugin_host.call("metrics", self.args, trainer=self):
+                logs.update(extra)
+        return super().log(logs, *args, **kwargs)
 
     def plugins_banner(self) -> str:
         host = self.plugin_host

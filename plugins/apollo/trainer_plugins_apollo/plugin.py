@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from trainer_plugins import ConfigError, PluginSpec, hookimpl
 from trainer_plugins.spec import deepspeed_stage
+from trainer_plugins.targets import linear_weights, module_matcher
 
 # (rank, scale, scale_type) per mode: the paper's defaults (methods.md 1.4) for 1B/7B models.
 MODES = {"apollo": (256, 1.0, "channel"), "mini": (1, 128.0, "tensor")}
@@ -72,7 +72,7 @@ def validate(args):
         raise ConfigError(f"apollo_scale must be > 0, got {scale}")
     if args.apollo_update_proj_gap < 1:
         raise ConfigError(f"apollo_update_proj_gap must be >= 1, got {args.apollo_update_proj_gap}")
-    target_matcher(args.apollo_target_modules)  # a bad regex fails here, not after loading
+    module_matcher(args.apollo_target_modules, "apollo_target_modules")  # a bad regex fails here, not after loading
     if args.apollo_layerwise:
         if args.max_grad_norm and args.max_grad_norm > 0:
             raise ConfigError("apollo_layerwise updates each weight inside backward, before the whole-model "
@@ -90,35 +90,13 @@ def validate(args):
                           "default (weight_decay, adam_beta1/2 and adam_epsilon are used)")
 
 
-def target_matcher(spec: str):
-    """module name -> bool, for 'all-linear', 'a,b' name parts, or a regex (full match)."""
-    if spec == "all-linear":
-        return lambda name: True
-    if re.fullmatch(r"[\w.]+(,[\w.]+)*", spec):
-        parts = spec.split(",")
-        return lambda name: any(part in name.split(".") or name.endswith(part) for part in parts)
-    try:
-        pattern = re.compile(spec)
-    except re.error as exc:
-        raise ConfigError(f"apollo_target_modules is not a valid regex: {exc}") from exc
-    return lambda name: pattern.fullmatch(name) is not None
-
-
 @hookimpl
 def create_optimizer(model, args, trainer):
-    import torch
-
     from .optimizer import APOLLO, apollo_param_groups
 
     rank, scale, scale_type = resolved(args)
-    matches = target_matcher(args.apollo_target_modules)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    targets = {
-        f"{name}.weight" if name else "weight"
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and module is not head and matches(name)
-    }
-    if not any(p.requires_grad for n, p in model.named_parameters() if n in targets):
+    targets = set(linear_weights(model, args.apollo_target_modules, "apollo_target_modules"))
+    if not targets:
         raise ConfigError(f"apollo_target_modules={args.apollo_target_modules!r} matches no trainable linear layer")
     decay = set(trainer.get_decay_parameter_names(model))
     groups = apollo_param_groups(
