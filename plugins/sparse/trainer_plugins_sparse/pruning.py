@@ -1,0 +1,218 @@
+"""Gradual magnitude pruning of a set of weights, in plain torch (no Trainer import).
+
+The mask *is* the weights' zeros: a pruned weight is exactly 0, its gradient is zeroed by a hook
+before it reaches the optimizer (or DDP's all-reduce, or ZeRO's reduce-scatter), and at each prune
+event its optimizer moments are zeroed, so AdamW (decoupled weight decay), SGD, Lion, Adafactor and
+APOLLO all keep it at 0: zero gradient and zero state give a zero update. No mask tensors are stored
+(1 byte per weight saved), and a checkpoint's weights carry the masks, so resume is exact.
+
+Selection is exact: the ``n_keep`` highest scores survive, ties at the threshold broken by position.
+The threshold comes from a two-pass radix select over the float32 bit patterns of the scores
+(non-negative floats sort like their bits): a 65536-bin histogram of the top 16 bits, then of the low
+16 bits inside the chosen bin. Only one weight's scores exist at a time, and under ZeRO-3 each rank
+scores the slices it holds and the histograms are summed across ranks: a distributed k-th value
+without gathering any weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+BINS = 1 << 16
+
+
+class Comm:
+    """Sums across the ranks that hold slices of the pruned weights; a no-op when they are all local."""
+
+    def __init__(self, group=None, distributed: bool = False):
+        self.group, self.distributed = group, distributed
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor, group=self.group)
+        return tensor
+
+    def ranks_before(self, value: int, device) -> int:
+        """Sum of ``value`` over the ranks before this one (tie-breaking order)."""
+        if not self.distributed:
+            return 0
+        import torch.distributed as dist
+
+        mine = torch.tensor([value], dtype=torch.int64, device=device)
+        every = [torch.zeros_like(mine) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(every, mine, group=self.group)
+        return int(sum(t.item() for t in every[: dist.get_rank(self.group)]))
+
+
+@dataclass
+class Target:
+    """One prunable weight. ``local`` is the 1-D run of its elements this rank scores: the whole
+    flattened weight, or (ZeRO-3) this rank's slice ``[start, stop)`` of it. ``copies()`` returns the
+    other 1-D tensors holding the same elements (an fp32 master slice, a partitioned bf16 slice,
+    optimizer moments) that must become 0 with it, each as ``(tensor, offset)``: the tensor holds
+    ``local``'s elements ``[offset, offset + len)``. It is called at each prune event, as optimizer
+    state appears only after the first step."""
+
+    name: str
+    param: torch.nn.Parameter
+    shape: tuple[int, ...]
+    local: torch.Tensor
+    start: int = 0
+    copies: Callable[[], list[tuple[torch.Tensor, int]]] = field(default=lambda: [])
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def whole(self) -> bool:
+        return self.local.numel() == self.numel
+
+
+class Pruner:
+    """Prunes ``targets`` to a sparsity, globally (one threshold) or per weight (``scope='layer'``).
+
+    score:  'magnitude' (|w|) or 'random' (uniform scores on the live weights: the ablation).
+    n_m:    (n, m): the n largest of every m consecutive weights along a row are never pruned (2:4).
+    """
+
+    def __init__(self, targets: Sequence[Target], scope: str = "global", score: str = "magnitude",
+                 n_m: tuple[int, int] | None = None, seed: int = 0, comm: Comm | None = None):
+        if scope not in ("global", "layer"):
+            raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+        if score not in ("magnitude", "random"):
+            raise ValueError(f"score must be 'magnitude' or 'random', got {score!r}")
+        self.targets, self.scope, self.score, self.n_m, self.seed = list(targets), scope, score, n_m, seed
+        self.comm = comm or Comm()
+        self.total = sum(t.numel for t in self.targets)
+        if n_m is not None:
+            for t in self.targets:
+                if not t.whole or t.shape[-1] % n_m[1]:
+                    raise ValueError(f"{t.name}: {n_m[0]}:{n_m[1]} needs whole rows divisible by {n_m[1]}")
+
+    # -- what is pruned now -------------------------------------------------------------------------
+    def zeros(self) -> list[int]:
+        """Pruned (zero) weights per target, summed over ranks."""
+        counts = torch.stack([(t.local == 0).sum() for t in self.targets]).to(torch.int64)
+        return self.comm.all_reduce(counts).tolist()
+
+    def sparsity(self) -> float:
+        return sum(self.zeros()) / max(self.total, 1)
+
+    # -- pruning ------------------------------------------------------------------------------------
+    def prune(self, keep: Callable[[int], int], event: int = 0) -> int:
+        """Keep ``keep(numel)`` weights (of all targets, or of each with scope 'layer'); zero the rest
+        in every copy. Masks only shrink: a group already at or below its count is left alone.
+        ``event`` seeds random scores. Returns the number of weights zeroed now."""
+        groups = [list(range(len(self.targets)))] if self.scope == "global" else [[i] for i in range(len(self.targets))]
+        zeros = self.zeros()
+        pruned = 0
+        for members in groups:
+            numel = sum(self.targets[i].numel for i in members)
+            n_keep = keep(numel)
+            if numel - sum(zeros[i] for i in members) <= n_keep:
+                continue
+            pruned += self._prune_group(members, n_keep, event)
+        return pruned
+
+    def _scores(self, i: int, event: int) -> torch.Tensor:
+        target = self.targets[i]
+        w = target.local.detach()
+        if self.score == "magnitude":
+            scores = w.abs().float()
+        else:
+            generator = torch.Generator(device=w.device).manual_seed(self.seed * 1_000_003 + event * 7_919 + i)
+            draw = torch.rand(target.numel, generator=generator, device=w.device)
+            draw = draw.narrow(0, target.start, w.numel())
+            scores = torch.where(w != 0, 1.0 - draw, torch.zeros_like(draw))  # (0, 1] alive, 0 pruned
+        if self.n_m is not None:
+            n, m = self.n_m
+            rows = scores.view(-1, m)
+            rows.scatter_(1, rows.topk(n, dim=1).indices, float("inf"))  # never pruned
+        return scores.view(-1)
+
+    def _prune_group(self, members: list[int], n_keep: int, event: int) -> int:
+        device = self.targets[members[0]].local.device
+        if n_keep == 0:
+            threshold, ties_kept_before, ties_to_keep = None, 0, 0
+        else:
+            hist = torch.zeros(BINS, dtype=torch.int64, device=device)
+            for i in members:
+                hist += torch.bincount(_bits(self._scores(i, event)) >> 16, minlength=BINS).to(device)
+            high, above = _bucket(self.comm.all_reduce(hist), n_keep)
+            local = torch.zeros(BINS, dtype=torch.int64, device=device)
+            for i in members:
+                bits = _bits(self._scores(i, event))
+                local += torch.bincount(bits[(bits >> 16) == high] & 0xFFFF, minlength=BINS).to(device)
+            low_hist = self.comm.all_reduce(local.clone())
+            low, above_low = _bucket(low_hist, n_keep - above)
+            threshold = (high << 16) | low
+            ties_to_keep = n_keep - above - above_low
+            ties_kept_before = self.comm.ranks_before(int(local[low]), device)
+        quota = max(0, ties_to_keep - ties_kept_before)
+        pruned = 0
+        for i in members:
+            target = self.targets[i]
+            if threshold is None:
+                keep = torch.zeros_like(target.local, dtype=torch.bool)
+            else:
+                bits = _bits(self._scores(i, event))
+                keep = bits > threshold
+                tie = bits == threshold
+                if quota > 0:
+                    keep |= tie & (torch.cumsum(tie, 0) <= quota)
+                quota = max(0, quota - int(tie.sum()))
+            drop = ~keep
+            pruned += int((drop & (target.local != 0)).sum())
+            with torch.no_grad():
+                target.local.masked_fill_(drop, 0)
+                for tensor, offset in target.copies():
+                    tensor.masked_fill_(drop.narrow(0, offset, tensor.numel()).to(tensor.device), 0)
+        return pruned
+
+
+def _bits(scores: torch.Tensor) -> torch.Tensor:
+    return scores.contiguous().view(torch.int32)
+
+
+def _bucket(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """Largest bin b with at least k entries at or above it, and the entries strictly above it."""
+    suffix = hist.flip(0).cumsum(0).flip(0)
+    b = int(torch.nonzero(suffix >= k).max())
+    return b, int(suffix[b + 1]) if b + 1 < len(hist) else 0
+
+
+# -- gradients and optimizer state ------------------------------------------------------------------
+def mask_gradients(params: Sequence[torch.nn.Parameter], active: Callable[[], bool]) -> list:
+    """Hooks that zero the gradient of every zero weight before it is accumulated (so before DDP's
+    all-reduce and ZeRO's reduce-scatter, and before gradient clipping sees it). ``active()`` lets a
+    dense phase skip the work. Returns the hook handles."""
+
+    def hook_for(p):
+        def hook(grad):
+            if not active():
+                return None
+            if p.numel() != grad.numel():  # the weight is not materialised here: never skip silently
+                raise RuntimeError("sparse: a gradient arrived for a weight that is not materialised on this "
+                                   "rank, so its zeros (the mask) cannot be read")
+            return grad.masked_fill(p.detach() == 0, 0)
+
+        return hook
+
+    return [p.register_hook(hook_for(p)) for p in params]
+
+
+def state_like(optimizer, tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The per-element state of ``tensor`` in a torch optimizer (moments shaped like it), flattened.
+    Other state (APOLLO's low-rank moments, step counts) has other shapes and is left alone: with a
+    zero gradient it gives a zero update for the pruned elements anyway."""
+    state = optimizer.state.get(tensor, {}) if optimizer is not None else {}
+    return [v.view(-1) for v in state.values() if torch.is_tensor(v) and v.dim() > 0 and v.shape == tensor.shape]
