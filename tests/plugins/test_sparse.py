@@ -188,3 +188,42 @@ def test_fit_scaling_recovers_the_law_from_run_records(tmp_path):
     few = subprocess.run([sys.executable, "-m", "trainer_plugins", "fit-scaling", *runs[:3]],
                          capture_output=True, text=True, timeout=300)
     assert few.returncode != 0 and "at least 5 runs" in few.stderr
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_in_one_process_equals_plain(stage, tmp_path, deepspeed_env):
+    plain = trainer_for(tmp_path, "a")
+    plain.train()
+    ds = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_clipping": "auto",
+          "zero_optimization": {"stage": stage}}
+    zero = trainer_for(tmp_path, "b", deepspeed=ds)
+    zero.train()
+    assert losses(zero) == pytest.approx(losses(plain), rel=1e-5)
+    assert sparse_state(zero.model).pruner.sparsity() == pytest.approx(0.5, abs=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, flags", [(2, {}), (3, {}), (3, {"persistence_threshold": 0}),
+                                          (3, {"sparse_scope": "layer", "sparse": "random"})])
+def test_zero_with_two_processes_equals_one_process(stage, flags, tmp_path):
+    """Two ranks (gloo): ZeRO-2 masks the fp32 master partitions and moments of whole weights; ZeRO-3
+    scores each rank's slices and finds the threshold from histograms summed across ranks, with the
+    small weights kept whole between steps (the default) or all partitioned (as in large models)."""
+    from safetensors.torch import load_file
+
+    from helpers import ROOT, torchrun
+
+    plain = trainer_for(tmp_path, "plain", **{k: v for k, v in flags.items() if k.startswith("sparse")})
+    plain.train()
+    plain.save_model(str(tmp_path / "plain" / "final"))
+    out = tmp_path / "zero"
+    run = torchrun(ROOT / "tests" / "plugins" / "sparse_zero_worker.py",
+                   [stage, out, *(f"{k}={json.dumps(v)}" for k, v in flags.items())])
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads((out / "record.json").read_text())
+    assert record["losses"] == pytest.approx(losses(plain), rel=1e-5)
+    assert record["sparsity"] == pytest.approx(0.5, abs=1e-9)
+    ours = load_file(str(out / "final" / "model.safetensors"))
+    reference = load_file(str(tmp_path / "plain" / "final" / "model.safetensors"))
+    for name in pruned_names(plain):
+        assert torch.equal(ours[name] == 0, reference[name] == 0), name

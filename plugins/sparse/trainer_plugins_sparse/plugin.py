@@ -264,7 +264,26 @@ def build_pruner(state: SparseState, args, optimizer, seed: int):
         if name not in held:
             targets.append(Target(name, p, _shape(p), p.ds_tensor.detach().view(-1)[:0], start=_numel(p)))
     targets.sort(key=lambda t: list(state.weights).index(t.name))
-    return Pruner(targets, comm=Comm(layout.shards[0].process_group, distributed=True), **common)
+    group = layout.shards[0].process_group
+    return Pruner(targets, comm=Comm(group, distributed=True), after=lambda: _regather_persistent(state.weights, group),
+                  **common)
+
+
+def _regather_persistent(weights: dict, group) -> None:
+    """ZeRO-3 keeps small weights whole on every rank between steps (``ds_persist``, below
+    stage3_param_persistence_threshold) and refreshes them only after the next optimizer step. Pruning
+    changed their slices: rebuild the whole copies now, or the next forward (and the gradient mask,
+    read from the weights' zeros) would see the pruned values."""
+    import torch
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    for p in weights.values():
+        if getattr(p, "ds_persist", False) and p.numel() == p.ds_numel:
+            local = p.ds_tensor.detach().view(-1)
+            full = torch.empty(local.numel() * world, dtype=local.dtype, device=local.device)
+            dist.all_gather_into_tensor(full, local.contiguous(), group=group)
+            p.data.view(-1).copy_(full[: p.ds_numel])
 
 
 def _torch_optimizer(optimizer):

@@ -82,16 +82,18 @@ class Pruner:
 
     score:  'magnitude' (|w|) or 'random' (uniform scores on the live weights: the ablation).
     n_m:    (n, m): the n largest of every m consecutive weights along a row are never pruned (2:4).
+    after:  called on every rank after each ``prune`` (ZeRO-3 refreshes the weights it keeps whole).
     """
 
     def __init__(self, targets: Sequence[Target], scope: str = "global", score: str = "magnitude",
-                 n_m: tuple[int, int] | None = None, seed: int = 0, comm: Comm | None = None):
+                 n_m: tuple[int, int] | None = None, seed: int = 0, comm: Comm | None = None,
+                 after: Callable[[], None] | None = None):
         if scope not in ("global", "layer"):
             raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
         if score not in ("magnitude", "random"):
             raise ValueError(f"score must be 'magnitude' or 'random', got {score!r}")
         self.targets, self.scope, self.score, self.n_m, self.seed = list(targets), scope, score, n_m, seed
-        self.comm = comm or Comm()
+        self.comm, self.after = comm or Comm(), after
         self.total = sum(t.numel for t in self.targets)
         if n_m is not None:
             for t in self.targets:
@@ -121,6 +123,8 @@ class Pruner:
             if numel - sum(zeros[i] for i in members) <= n_keep:
                 continue
             pruned += self._prune_group(members, n_keep, event)
+        if self.after is not None:
+            self.after()
         return pruned
 
     def _scores(self, i: int, event: int) -> torch.Tensor:
