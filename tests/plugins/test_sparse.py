@@ -105,6 +105,8 @@ def test_final_model_reloads_in_plain_transformers_with_its_zeros_and_a_record(t
     assert zeros == record["pruned_weights"] == sparse.prunable - keep_count(sparse.prunable, 0.5)
     assert record["sparsity"] == pytest.approx(0.5, abs=1e-5) and record["tokens"] == 12 * 4 * 32
     assert record["eval_loss"] is not None and record["steps"] == 12
+    assert record["flos"] == pytest.approx(6 * record["tokens"] * sparse.schedule.compute(12, sparse.fixed, sparse.prunable) / 12)
+    assert record["flos"] < 6 * record["tokens"] * (sparse.fixed + sparse.prunable)
     assert set(record["per_weight_sparsity"]) == set(pruned_names(trainer))
     # N-bar from the schedule: dense for 2 steps, then the geometric densities, 50% from step 12 on
     s = sparse.schedule

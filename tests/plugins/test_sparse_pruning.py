@@ -120,3 +120,15 @@ def test_zero_keep_prunes_everything_and_bad_options_are_refused():
         pruner(weights((4, 6)), n_m=(2, 4))
     with pytest.raises(ValueError):
         pruner(weights((4, 4)), scope="row")
+
+
+def test_two_four_check_for_semi_structured_inference():
+    from trainer_plugins_sparse.inference import is_n_m, to_semi_structured
+
+    params = weights((8, 16))
+    assert not is_n_m(params[0].detach())
+    pruner(params, n_m=(2, 4)).prune(keep(0.5))
+    assert is_n_m(params[0].detach()) and not is_n_m(torch.ones(4, 6))
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA GPU"):
+            to_semi_structured(torch.nn.Linear(4, 4))

@@ -201,13 +201,19 @@ class SparseState:
         total = self.schedule.compute(total_steps, self.fixed, self.prunable)
         return self.schedule.compute(steps, self.fixed, self.prunable) / total if total else 0.0
 
-    def metrics(self, step: int, total_steps: int) -> dict:
+    def flos(self, steps: int, tokens: int) -> float:
+        """Training FLOPs so far, 6 x tokens x the active matmul parameters averaged over the steps
+        (the Trainer's own total_flos counts every weight as dense)."""
+        return 6.0 * tokens * self.schedule.compute(steps, self.fixed, self.prunable) / steps if steps else 0.0
+
+    def metrics(self, step: int, total_steps: int, tokens: int) -> dict:
         sparsity = self.pruner.sparsity()
         return {
             "sparse/sparsity": round(sparsity, 6),
             "sparse/active_params": int(self.total_params - round(sparsity * self.prunable)),
             "sparse/avg_params": round(self.average_params(step)),
             "sparse/compute_fraction": round(self.compute_fraction(step, total_steps), 6),
+            "sparse/flos": self.flos(step, tokens),
         }
 
 
@@ -343,7 +349,8 @@ def metrics(trainer):
     sparse = sparse_state(trainer.model)
     if sparse.pruner is None:
         return None
-    return sparse.metrics(trainer.state.global_step, trainer.state.max_steps)
+    state = trainer.state
+    return sparse.metrics(state.global_step, state.max_steps, int(state.num_input_tokens_seen or 0))
 
 
 @hookimpl
@@ -377,6 +384,7 @@ def run_record(sparse: SparseState, trainer) -> dict:
         "avg_params": sparse.average_params(state.global_step),
         "steps": state.global_step,
         "tokens": int(state.num_input_tokens_seen or 0),
+        "flos": sparse.flos(state.global_step, int(state.num_input_tokens_seen or 0)),
         "eval_loss": evals[-1] if evals else None,
         "train_loss": trains[-1] if trains else None,
         "schedule": {"kind": s.kind, "initial": s.initial, "final": s.final, "start": s.start, "end": s.end,
