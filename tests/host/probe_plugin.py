@@ -72,6 +72,12 @@ def callbacks(args):
 
 
 @hookimpl
+def metrics(trainer):
+    CALLS.append("metrics")
+    return {"probe/global_step": trainer.state.global_step}
+
+
+@hookimpl
 def create_optimizer(model, args, trainer):
     CALLS.append("create_optimizer")
     if args.probe_mode == "sgd":

@@ -2,6 +2,7 @@
 during a recipe run through the host's own code paths (CLI parser, recipe loader, PluginTrainer)."""
 
 import inspect
+import json
 
 import probe_plugin
 
@@ -27,9 +28,13 @@ def test_every_hookspec_is_called_by_the_host(tmp_path, probe_host, tiny_model_d
         "model": {"model_name_or_path": tiny_model_dir},
         "data": {"dataset": "stdlib", "max_seq_length": 32, "max_train_samples": 8, "max_eval_samples": 4},
         "train": {"output_dir": str(tmp_path), "max_steps": 2, "per_device_train_batch_size": 4, "save_steps": 1,
-                  "report_to": [], "use_cpu": True, "probe": True},
+                  "logging_steps": 1, "report_to": [], "use_cpu": True, "probe": True},
         "run": {"eval_before_training": False},
     }, host=probe_host)
     run_recipe(recipe)
     called = {c.split(".")[0] for c in probe_plugin.CALLS}
     assert set(HOOKS) <= called, f"never called: {sorted(set(HOOKS) - called)}"
+    # plugin metrics join the training logs (not the final summary)
+    history = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    assert [h.get("probe/global_step") for h in history if "loss" in h] == [1, 2]
+    assert not any("probe/global_step" in h for h in history if "loss" not in h)

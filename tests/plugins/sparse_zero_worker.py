@@ -1,7 +1,7 @@
 """Run by torchrun (2 CPU processes, gloo) from test_sparse.py: sparse pre-training of a tiny Llama under
-DeepSpeed ZeRO-STAGE through the Trainer; writes the losses and the final weights' zero pattern.
+DeepSpeed ZeRO-STAGE (or plain DDP) through the Trainer; writes the losses and the final zero pattern.
 
-Usage: torchrun --nproc_per_node 2 sparse_zero_worker.py STAGE OUT_DIR [flag=value ...]
+Usage: torchrun --nproc_per_node 2 sparse_zero_worker.py STAGE|ddp OUT_DIR [flag=value ...]
 """
 
 import importlib
@@ -24,12 +24,14 @@ from helpers import counting_dataset, losses  # noqa: E402
 from test_sparse import COMMON, SPARSE  # noqa: E402
 
 
-def main(stage: int, out: str, extra: dict):
-    zero = {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True}
-    if "persistence_threshold" in extra:  # 0: no weight stays whole between steps (as in large models)
-        zero["stage3_param_persistence_threshold"] = extra.pop("persistence_threshold")
-    ds = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_clipping": "auto",
-          "zero_optimization": zero}
+def main(stage: str, out: str, extra: dict):
+    ds = None  # "ddp": plain DDP, no DeepSpeed
+    if stage != "ddp":
+        zero = {"stage": int(stage), "stage3_gather_16bit_weights_on_model_save": True}
+        if "persistence_threshold" in extra:  # 0: no weight stays whole between steps (as in large models)
+            zero["stage3_param_persistence_threshold"] = extra.pop("persistence_threshold")
+        ds = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_clipping": "auto",
+              "zero_optimization": zero}
     args = PluginTrainingArguments(output_dir=out, deepspeed=ds,
                                    **{**COMMON, **SPARSE, "per_device_train_batch_size": 2, "max_steps": 16, **extra})
     torch.manual_seed(0)
@@ -46,4 +48,4 @@ def main(stage: int, out: str, extra: dict):
 
 if __name__ == "__main__":
     flags = dict(arg.split("=", 1) for arg in sys.argv[3:])
-    main(int(sys.argv[1]), sys.argv[2], {k: json.loads(v) for k, v in flags.items()})
+    main(sys.argv[1], sys.argv[2], {k: json.loads(v) for k, v in flags.items()})

@@ -205,11 +205,11 @@ def test_zero_in_one_process_equals_plain(stage, tmp_path, deepspeed_env):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, flags", [(2, {}), (3, {}), (3, {"persistence_threshold": 0}),
+@pytest.mark.parametrize("stage, flags", [("ddp", {}), (2, {}), (3, {}), (3, {"persistence_threshold": 0}),
                                           (3, {"sparse_scope": "layer", "sparse": "random"}),
                                           (2, {"apollo": "mini", "apollo_update_proj_gap": 3})])
-def test_zero_with_two_processes_equals_one_process(stage, flags, tmp_path):
-    """Two ranks (gloo): ZeRO-2 masks the fp32 master partitions and moments of whole weights; ZeRO-3
+def test_two_processes_equal_one_process(stage, flags, tmp_path):
+    """Two ranks (gloo): DDP prunes identical copies identically; ZeRO-2 masks the fp32 master partitions and moments of whole weights; ZeRO-3
     scores each rank's slices and finds the threshold from histograms summed across ranks, with the
     small weights kept whole between steps (the default) or all partitioned (as in large models); and
     with APOLLO building the optimizer (its flat-partition state) while sparse masks."""
