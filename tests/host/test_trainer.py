@@ -44,8 +44,13 @@ def test_enabled_plugin_hooks_run_in_order(tmp_path, token_dataset, probe_host):
     assert isinstance(trainer.optimizer.optimizer, torch.optim.SGD)
     trainer.save_model()
     calls = [c for c in probe_plugin.CALLS if c != "plugin_spec"]
-    assert calls == ["validate", "prepare_model", "callbacks", "create_optimizer", "callback.on_train_begin",
-                     "save_model.checkpoint", "save_model.checkpoint", "save_model.final", "export"]
+    steps = args.max_steps // args.logging_steps  # metrics: once per training log
+    assert [c for c in calls if c != "metrics"] == [
+        "validate", "prepare_model", "callbacks", "create_optimizer", "callback.on_train_begin",
+        "save_model.checkpoint", "save_model.checkpoint", "save_model.final", "export"]
+    assert calls.count("metrics") == steps
+    assert [h["probe/global_step"] for h in trainer.state.log_history if "loss" in h] == list(
+        range(args.logging_steps, args.max_steps + 1, args.logging_steps))
 
 
 def test_save_model_hook_replaces_the_trainer_save(tmp_path, token_dataset, probe_host):
