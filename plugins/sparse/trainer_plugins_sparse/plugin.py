@@ -15,7 +15,7 @@ from trainer_plugins import ConfigError, PluginSpec, hookimpl
 from trainer_plugins.spec import deepspeed_stage
 from trainer_plugins.targets import linear_weights, module_matcher
 
-from .schedule import KINDS, Schedule, keep_count, resolve_by_compute, snap
+from .schedule import Schedule, keep_count, resolve_by_compute, snap
 
 logger = logging.getLogger("trainer_plugins.sparse")
 RECORD = "sparsity.json"
