@@ -17,6 +17,8 @@ import sys
 import torch
 from transformers import TrainerCallback
 
+from .zero import full_numel
+
 logger = logging.getLogger("trainer_plugins")
 GiB = 2**30
 
@@ -104,18 +106,14 @@ class MemoryReportCallback(TrainerCallback):
             "peak_kind": what,
             "peak_bytes": peak,
             "device": "cuda" if "cuda" in what else "cpu",
-            "parameters": sum(_numel(p) for p in params),
+            "parameters": sum(full_numel(p) for p in params),
             "parameter_bytes": tensor_bytes(_local(p) for p in params),  # this process's share under ZeRO-3
-            "trainable_parameters": sum(_numel(p) for p in trainable),
+            "trainable_parameters": sum(full_numel(p) for p in trainable),
             "trainable_bytes": tensor_bytes(_local(p) for p in trainable),
             "gradient_bytes": self.gradient_bytes,
             "optimizer_state_bytes": self.optimizer_bytes if self.optimizer_bytes is not None
             else (optimizer_state_bytes(optimizer) if optimizer is not None else None),
         }
-
-
-def _numel(p) -> int:
-    return getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 leaves an empty tensor in the module
 
 
 def _local(p):

@@ -81,6 +81,16 @@ class ZeroLayout:
                 yield shard, piece
 
 
+def full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's shape, also when ZeRO-3 has partitioned it (its data is then an empty tensor)."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
+def full_numel(param: torch.Tensor) -> int:
+    """A parameter's element count, also when ZeRO-3 has partitioned it."""
+    return int(getattr(param, "ds_numel", None) or param.numel())
+
+
 def zero_optimizer(obj):
     """The DeepSpeed ZeRO optimizer inside a DeepSpeed engine, an accelerate wrapper, or itself; else None."""
     seen = 0

@@ -14,6 +14,7 @@ from typing import Literal, Optional
 from trainer_plugins import ConfigError, PluginSpec, hookimpl
 from trainer_plugins.spec import deepspeed_stage
 from trainer_plugins.targets import linear_weights, module_matcher
+from trainer_plugins.zero import full_numel, full_shape
 
 from .schedule import Schedule, keep_count, resolve_by_compute, snap
 
@@ -130,7 +131,7 @@ def prepare_model(model, args):
         raise ConfigError(f"sparse_target_modules={args.sparse_target_modules!r} matches no trainable linear layer")
     n_m = structure(args)
     if n_m is not None:
-        bad = [n for n, p in weights.items() if _shape(p)[-1] % n_m[1]]
+        bad = [n for n, p in weights.items() if full_shape(p)[-1] % n_m[1]]
         if bad:
             raise ConfigError(f"sparse_structure {args.sparse_structure}: rows of {bad[:3]} are not a multiple "
                               f"of {n_m[1]}")
@@ -138,14 +139,6 @@ def prepare_model(model, args):
     state.hooks = mask_gradients(list(weights.values()), lambda: state.active)
     model._sparse_state = state
     return model
-
-
-def _shape(p) -> tuple[int, ...]:
-    return tuple(getattr(p, "ds_shape", p.shape))
-
-
-def _numel(p) -> int:
-    return int(getattr(p, "ds_numel", p.numel()))
 
 
 class SparseState:
@@ -162,19 +155,19 @@ class SparseState:
 
     @property
     def prunable(self) -> int:
-        return sum(_numel(p) for p in self.weights.values())
+        return sum(full_numel(p) for p in self.weights.values())
 
     def count_params(self, model) -> None:
         import torch
 
         params = {id(p): p for p in model.parameters()}
-        self.total_params = sum(_numel(p) for p in params.values())
+        self.total_params = sum(full_numel(p) for p in params.values())
         # FLOPs: every weight is in a matmul except the input embeddings (a lookup), unless tied to the head.
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         lookup = 0
         if isinstance(embeddings, torch.nn.Embedding) and (head is None or head.weight is not embeddings.weight):
-            lookup = _numel(embeddings.weight)
+            lookup = full_numel(embeddings.weight)
         self.fixed = self.total_params - lookup - self.prunable
 
     def resolve(self, args, total_steps: int) -> Schedule:
@@ -268,8 +261,9 @@ def build_pruner(state: SparseState, args, optimizer, seed: int):
     held = {t.name for t in targets}
     for name, p in state.weights.items():
         if name not in held:
-            targets.append(Target(name, p, _shape(p), p.ds_tensor.detach().view(-1)[:0], start=_numel(p)))
-    targets.sort(key=lambda t: list(state.weights).index(t.name))
+            targets.append(Target(name, p, full_shape(p), p.ds_tensor.detach().view(-1)[:0], start=full_numel(p)))
+    order = {name: i for i, name in enumerate(state.weights)}
+    targets.sort(key=lambda t: order[t.name])
     group = layout.shards[0].process_group
     return Pruner(targets, comm=Comm(group, distributed=True), after=lambda: _regather_persistent(state.weights, group),
                   **common)
@@ -390,7 +384,7 @@ def run_record(sparse: SparseState, trainer) -> dict:
         "schedule": {"kind": s.kind, "initial": s.initial, "final": s.final, "start": s.start, "end": s.end,
                      "every": s.every, "timing": args.sparse_timing, "scope": args.sparse_scope,
                      "score": args.sparse, "structure": args.sparse_structure},
-        "per_weight_sparsity": {name: z / _numel(sparse.weights[name]) for name, z in per_weight.items()},
+        "per_weight_sparsity": {name: z / full_numel(sparse.weights[name]) for name, z in per_weight.items()},
     }
 
 
