@@ -171,7 +171,8 @@ def _converted_gguf(model_args: ModelArguments) -> Optional[Path]:
     return target
 
 
-def _source(model_args: ModelArguments) -> str:
+def model_source(model_args: ModelArguments) -> str:
+    """What ``from_pretrained`` reads: the name or directory, or the converted directory of a GGUF file."""
     converted = _converted_gguf(model_args)
     return str(converted) if converted else model_args.model_name_or_path
 
@@ -182,7 +183,7 @@ def load_model_config(model_args: ModelArguments):
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(_source(model_args), trust_remote_code=model_args.trust_remote_code)
+        config = AutoConfig.from_pretrained(model_source(model_args), trust_remote_code=model_args.trust_remote_code)
     except Exception as exc:  # hub unreachable, no config.json, unknown architecture
         raise ConfigError(f"could not load the config of '{model_args.model_name_or_path}': {exc}") from exc
     for key, value in _overrides(model_args).items():
@@ -195,7 +196,7 @@ def load_model_config(model_args: ModelArguments):
 def load_tokenizer(model_args: ModelArguments):
     from transformers import AutoTokenizer
 
-    name = model_args.tokenizer_name_or_path or _source(model_args)
+    name = model_args.tokenizer_name_or_path or model_source(model_args)
     tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -236,7 +237,7 @@ def load_model(model_args: ModelArguments, *, zero3: bool = False):
         kwargs["quantization_config"] = quantization_config(model_args, zero3=zero3)
         if not torch.cuda.is_available():
             kwargs["device_map"] = "cpu"
-    return AutoModelForCausalLM.from_pretrained(_source(model_args), config=config, dtype=dtype, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(model_source(model_args), config=config, dtype=dtype, **kwargs)
 
 
 def _init_deepspeed_comm() -> None:

@@ -1,0 +1,468 @@
+"""Trainer glue for LoRAM: flags, checks, load + prune (+ 4 bits), LoRA, recovery on save, merge on export.
+
+The method is in pruning.py (what to remove), recovery.py (adapters back to full size) and storage.py
+(pruned models on disk, 4-bit). Two modes:
+  lora   prune the original, train LoRA on the pruned model, save the adapter recovered to the original
+         shapes (standard peft format: PeftModel.from_pretrained(original, output_dir) loads it)
+  align  prune, then train all weights of the pruned model but its embeddings and head (the paper's
+         "minimal-cost alignment"); the output directory is a pruned model that loram_pruned_model loads
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from trainer_plugins import ConfigError, PluginSpec, hookimpl
+from trainer_plugins.spec import deepspeed_stage
+
+from .pruning import IMPORTANCE, INDEX_FILE, PROJECTIONS, Geometry, check_architecture, kept_count, parse_pruning
+
+logger = logging.getLogger("trainer_plugins.loram")
+DEFAULT_TARGETS = ",".join(PROJECTIONS)
+PRUNED_ADAPTER_DIR = "pruned_adapter"
+MERGED_DIR = "merged"
+
+
+@dataclass
+class LoramArguments:
+    loram: Literal["off", "lora", "align"] = field(
+        default="off",
+        metadata={"help": "lora: prune the model, train LoRA on the pruned model, save the adapter recovered to "
+                          "the original model's shapes. align: prune, then train the pruned model's weights (the "
+                          "optional continual pre-training); its output is a pruned model for loram_pruned_model."})
+    loram_pruning: str = field(
+        default="structured",
+        metadata={"help": "'structured' (remove KV-head groups and MLP neurons: a smaller, faster model), "
+                          "'unstructured', or 'N:M' such as '2:4' (zeros, same shapes)."})
+    loram_importance: Literal["first_order", "magnitude", "random", "wanda"] = field(
+        default="first_order",
+        metadata={"help": "Unit/weight score: first_order |w·grad| over calibration batches (LLM-Pruner; structured), "
+                          "magnitude, random (seeded), wanda |w|·||x|| (unstructured, N:M)."})
+    loram_ratio: float = field(
+        default=0.5, metadata={"help": "Fraction removed in each pruned layer: KV-head groups and MLP neurons "
+                                       "(structured) or weights (unstructured)."})
+    loram_attn_ratio: Optional[float] = field(default=None, metadata={"help": "Attention ratio (default loram_ratio)."})
+    loram_mlp_ratio: Optional[float] = field(default=None, metadata={"help": "MLP ratio (default loram_ratio)."})
+    loram_keep_first_layers: int = field(default=4, metadata={"help": "Leading decoder layers kept dense."})
+    loram_keep_last_layers: int = field(default=2, metadata={"help": "Trailing decoder layers kept dense."})
+    loram_calibration_dataset: str = field(
+        default="stdlib", metadata={"help": "Text for first_order/wanda scores (the `dataset` syntax)."})
+    loram_calibration_samples: int = field(default=16, metadata={"help": "Calibration sequences."})
+    loram_calibration_seq_length: int = field(default=256, metadata={"help": "Tokens per calibration sequence."})
+    loram_indices: Optional[str] = field(
+        default=None, metadata={"help": f"Prune with this index file ({INDEX_FILE}) of an earlier run instead of "
+                                        "scoring again."})
+    loram_pruned_model: Optional[str] = field(
+        default=None, metadata={"help": "Directory of an already pruned (aligned) model, the output of a "
+                                        "loram=align run; model_name_or_path stays the original model."})
+    loram_lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    loram_lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scale alpha/r)."})
+    loram_lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    loram_target_modules: str = field(
+        default=DEFAULT_TARGETS, metadata={"help": "LoRA targets: comma-separated projection names "
+                                                   f"({DEFAULT_TARGETS}, lm_head) or 'all-linear'."})
+    loram_merge: bool = field(
+        default=False, metadata={"help": f"Also write the original model with the recovered adapter merged "
+                                         f"into output_dir/{MERGED_DIR}."})
+
+
+@hookimpl
+def plugin_spec():
+    return PluginSpec(
+        name="loram",
+        arguments=LoramArguments,
+        description="LoRAM: train LoRA on a pruned model, recover it to full size, merge into the original (QLoRAM: 4-bit)",
+        requires={"peft": "peft>=0.13"},
+        conflicts={"meft": "meft makes the full model reversible; loram trains LoRA on a pruned copy",
+                   "lst": "lst trains a side network; loram trains LoRA on a pruned copy",
+                   "sparse": "sparse prunes during full training; loram prunes once before training a LoRA"},
+        supports=frozenset({"ddp", "zero2", "zero3", "4bit"}),
+    )
+
+
+# -- validation ---------------------------------------------------------------------------------------
+def ratios(args) -> tuple[float, float]:
+    attn = args.loram_ratio if args.loram_attn_ratio is None else args.loram_attn_ratio
+    mlp = args.loram_ratio if args.loram_mlp_ratio is None else args.loram_mlp_ratio
+    return attn, mlp
+
+
+def target_modules(args) -> list[str]:
+    if args.loram_target_modules == "all-linear":
+        return list(PROJECTIONS)
+    names = [n.strip() for n in args.loram_target_modules.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(PROJECTIONS) - {"lm_head"})
+    if unknown or not names:
+        raise ConfigError(f"loram_target_modules: unknown {unknown or 'empty'}; choose from {DEFAULT_TARGETS}, lm_head "
+                          "(recovery knows how each of them was pruned)")
+    return names
+
+
+@hookimpl
+def validate(args, model_args, model_config):
+    try:
+        n_m = parse_pruning(args.loram_pruning)
+    except ValueError:
+        raise ConfigError(f"loram_pruning must be 'structured', 'unstructured' or 'N:M' like '2:4', got "
+                          f"{args.loram_pruning!r}") from None
+    structured = args.loram_pruning == "structured"
+    for name, value in (("loram_ratio", args.loram_ratio), ("loram_attn_ratio", args.loram_attn_ratio),
+                        ("loram_mlp_ratio", args.loram_mlp_ratio)):
+        if value is not None and not 0.0 <= value < 1.0:
+            raise ConfigError(f"{name} must be in [0, 1), got {value}")
+    if args.loram_importance == "first_order" and not structured and not args.loram_indices:
+        raise ConfigError("loram_importance first_order scores structured units; for unstructured or N:M pruning "
+                          "use magnitude, wanda or random")
+    if args.loram_importance == "wanda" and structured:
+        raise ConfigError("loram_importance wanda scores single weights; for structured pruning use first_order, "
+                          "magnitude or random")
+    if n_m is not None and args.loram_ratio != 0.5 and args.loram_ratio != 1 - n_m[0] / n_m[1]:
+        logger.warning("loram_pruning %s fixes the sparsity at %g; loram_ratio is ignored", args.loram_pruning,
+                       1 - n_m[0] / n_m[1])
+    if args.loram_keep_first_layers < 0 or args.loram_keep_last_layers < 0:
+        raise ConfigError("loram_keep_first_layers and loram_keep_last_layers must be >= 0")
+    if args.loram_calibration_samples < 1 or args.loram_calibration_seq_length < 8:
+        raise ConfigError("loram_calibration_samples must be >= 1 and loram_calibration_seq_length >= 8")
+    if args.loram_lora_r < 1 or args.loram_lora_alpha <= 0 or not 0.0 <= args.loram_lora_dropout < 1.0:
+        raise ConfigError(f"LoRA needs loram_lora_r >= 1, loram_lora_alpha > 0 and loram_lora_dropout in [0, 1); got "
+                          f"{args.loram_lora_r}, {args.loram_lora_alpha}, {args.loram_lora_dropout}")
+    target_modules(args)
+    if args.loram_indices and args.loram_pruned_model:
+        raise ConfigError("loram_indices and loram_pruned_model both say how the model is pruned: give one")
+    if args.loram_indices and not Path(args.loram_indices).is_file():
+        raise ConfigError(f"loram_indices: no such file: {args.loram_indices}")
+    if args.loram_pruned_model:
+        from .storage import is_pruned_model_dir
+
+        if not is_pruned_model_dir(args.loram_pruned_model):
+            raise ConfigError(f"loram_pruned_model: {args.loram_pruned_model} is not a pruned model directory "
+                              f"(config.json and {INDEX_FILE}, as a loram=align run writes)")
+    four_bit = bool(getattr(model_args, "load_in_4bit", False))
+    if args.loram == "align":
+        if four_bit:
+            raise ConfigError("loram=align trains every weight of the pruned model; 4-bit weights cannot be trained. "
+                              "Align in 16/32 bits, then train QLoRAM with loram_pruned_model and load_in_4bit")
+        if args.loram_merge:
+            raise ConfigError("loram_merge merges a LoRA adapter; loram=align trains no adapter")
+    if four_bit and deepspeed_stage(args) == 3:
+        raise ConfigError("QLoRAM (load_in_4bit) under ZeRO-3 is not supported: the pruned base is quantised on each "
+                          "device. Use ZeRO-2 or DDP with 4-bit, or ZeRO-3 in 16 bits")
+    if model_args is not None and getattr(model_args, "model_init", "pretrained") == "random":
+        raise ConfigError("loram prunes a pretrained model; model_init=random has nothing to keep")
+    if model_config is not None:
+        _check_model(args, model_config, structured)
+
+
+def _check_model(args, config, structured: bool) -> None:
+    why = check_architecture(config)
+    if why:
+        raise ConfigError(why)
+    g = Geometry.from_config(config)
+    if args.loram_keep_first_layers + args.loram_keep_last_layers >= g.num_layers:
+        raise ConfigError(f"loram_keep_first_layers + loram_keep_last_layers = "
+                          f"{args.loram_keep_first_layers + args.loram_keep_last_layers} keeps all {g.num_layers} "
+                          "layers dense: nothing to prune")
+    if structured:
+        attn, mlp = ratios(args)
+        logger.info("loram: each pruned layer keeps %d of %d KV heads (with their query heads) and %d of %d neurons",
+                    kept_count(g.num_kv_heads, attn), g.num_kv_heads, kept_count(g.intermediate_size, mlp),
+                    g.intermediate_size)
+    n_m = parse_pruning(args.loram_pruning)
+    if n_m is not None and (g.hidden_size % n_m[1] or g.intermediate_size % n_m[1]):
+        raise ConfigError(f"loram_pruning {args.loram_pruning}: the layers' input sizes are not multiples of {n_m[1]}")
+    for source in (args.loram_indices, args.loram_pruned_model):
+        if source:
+            from .pruning import PruningPlan
+
+            path = Path(source) / INDEX_FILE if Path(source).is_dir() else Path(source)
+            saved = PruningPlan.load(path).geometry
+            if saved != g:
+                raise ConfigError(f"{source} was pruned from a model shaped {saved}, not this one ({g})")
+
+
+# -- loading and pruning ------------------------------------------------------------------------------
+@dataclass
+class LoramState:
+    """What the plugin knows about the model it pruned: attached to it as ``model._loram``."""
+
+    plan: object  # PruningPlan
+    original: Optional[str]  # what from_pretrained reads to get the ORIGINAL model (adapter base, merge)
+    dtype: object = None
+    record: dict = field(default_factory=dict)
+
+
+def loram_state(model) -> Optional[LoramState]:
+    model = getattr(model, "module", model)
+    try:
+        return getattr(model, "_loram")
+    except AttributeError:
+        return None
+
+
+@contextlib.contextmanager
+def whole_weights():
+    """Load whole (unpartitioned) weights even when a ZeRO-3 config is active: pruning needs whole rows and
+    columns; DeepSpeed partitions the pruned model when the Trainer starts."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    ref = hf_ds._hf_deepspeed_config_weak_ref
+    config = ref() if ref is not None else None
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if config is not None:
+            hf_ds.set_hf_deepspeed_config(config)
+
+
+def _device():
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _broadcast():
+    """Rank 0's scores for every process (first-order gradients may differ in the last bits across GPUs)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    import torch
+
+    device = _device() if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def reduce(t):
+        t = t.detach().to(device).contiguous()
+        dist.broadcast(t, 0)
+        return t.cpu()
+
+    return reduce
+
+
+def calibration_batches(args, tokenizer, batch_size: int = 4) -> list:
+    import torch
+
+    from trainer_plugins.data import DataArguments, build_datasets
+
+    data_args = DataArguments(dataset=args.loram_calibration_dataset, max_seq_length=args.loram_calibration_seq_length,
+                              max_train_samples=args.loram_calibration_samples, eval_fraction=0.0)
+    train, _ = build_datasets(data_args, tokenizer, seed=args.seed)
+    rows = [torch.tensor(ex["input_ids"]) for ex in train if len(ex["input_ids"]) == args.loram_calibration_seq_length]
+    if not rows:
+        raise ConfigError(f"loram_calibration_dataset {args.loram_calibration_dataset!r} gave no sequence of "
+                          f"{args.loram_calibration_seq_length} tokens")
+    return [torch.stack(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+
+
+def make_plan(model, args, tokenizer_fn):
+    """Score and select (or read loram_indices); the model is not changed."""
+    from .pruning import PruningPlan, structured_plan, unstructured_plan
+
+    if args.loram_indices:
+        return PruningPlan.load(args.loram_indices)
+    batches = None
+    if args.loram_importance in ("first_order", "wanda"):
+        batches = calibration_batches(args, tokenizer_fn())
+        model.to(_device())
+    attn, mlp = ratios(args)
+    common = dict(keep_first=args.loram_keep_first_layers, keep_last=args.loram_keep_last_layers,
+                  importance=args.loram_importance, batches=batches, seed=args.seed, reduce=_broadcast())
+    if args.loram_pruning == "structured":
+        plan = structured_plan(model, ratio_attn=attn, ratio_mlp=mlp, **common)
+    else:
+        plan = unstructured_plan(model, kind=args.loram_pruning, ratio=args.loram_ratio, **common)
+    plan.settings = {"pruning": args.loram_pruning, "importance": args.loram_importance, "attn_ratio": attn,
+                     "mlp_ratio": mlp, "keep_first_layers": args.loram_keep_first_layers,
+                     "keep_last_layers": args.loram_keep_last_layers, "seed": args.seed,
+                     **({"calibration": {"dataset": args.loram_calibration_dataset,
+                                         "samples": args.loram_calibration_samples,
+                                         "seq_length": args.loram_calibration_seq_length}} if batches else {})}
+    return plan
+
+
+def _resume_plan(args):
+    """On resume, the plan the interrupted run used (its output_dir index file): scores are not recomputed."""
+    if not args.resume_from_checkpoint or args.loram_indices or args.loram_pruned_model:
+        return None
+    path = Path(args.output_dir) / INDEX_FILE
+    if path.is_file():
+        from .pruning import PruningPlan
+
+        logger.info("loram: resuming with the pruning of the interrupted run (%s)", path)
+        return PruningPlan.load(path)
+    return None
+
+
+def prune(model, args, tokenizer_fn, original: Optional[str]) -> LoramState:
+    from trainer_plugins.models import count_parameters
+
+    before = count_parameters(model)[0]
+    plan = _resume_plan(args) or make_plan(model, args, tokenizer_fn)
+    plan.apply(model)
+    after = count_parameters(model)[0]
+    state = LoramState(plan, original, record={"mode": args.loram, "original_model": original,
+                                               "parameters": {"original": before, "pruned": after,
+                                                              "pruned_fraction": 1 - after / before}})
+    model._loram = state
+    _write_plan(args, state)
+    return state
+
+
+def _write_plan(args, state: LoramState, output_dir: Optional[str] = None) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return
+    from .storage import save_plan
+
+    save_plan(state.plan, output_dir or args.output_dir, state.record)
+
+
+@hookimpl
+def load_model(args, model_args):
+    if model_args is None:
+        return None
+    from trainer_plugins.models import load_model as host_load
+    from trainer_plugins.models import load_tokenizer, model_source, quantization_config, resolve_dtype
+
+    dtype = resolve_dtype(model_args.dtype)
+    original = model_source(model_args)
+    with whole_weights():
+        if args.loram_pruned_model:
+            from trainer_plugins.models import count_parameters
+
+            from .storage import load_pruned_model
+
+            model, plan = load_pruned_model(args.loram_pruned_model, dtype, model_args.attn_implementation)
+            state = LoramState(plan, original, record={"mode": args.loram, "original_model": original,
+                                                       "pruned_model": args.loram_pruned_model,
+                                                       "parameters": {"pruned": count_parameters(model)[0]}})
+            model._loram = state
+            _write_plan(args, state)
+        else:
+            model = host_load(dataclasses.replace(model_args, load_in_4bit=False), zero3=False)
+            state = prune(model, args, lambda: load_tokenizer(model_args), original)
+    state.dtype = dtype
+    if model_args.load_in_4bit:
+        from .storage import quantize_4bit
+
+        quantize_4bit(model, quantization_config(model_args), _device())
+        state.record["4bit"] = model_args.bnb_4bit_quant_type
+    return model
+
+
+@hookimpl
+def prepare_model(model, args):
+    import torch
+
+    state = loram_state(model)
+    if state is None:  # a model built in Python: prune it here
+        why = check_architecture(model.config)
+        if why:
+            raise ConfigError(why)
+        _check_model(args, model.config, args.loram_pruning == "structured")
+        state = prune(model, args, lambda: _tokenizer_of(model), getattr(model, "name_or_path", None) or None)
+        state.dtype = next(model.parameters()).dtype
+    if args.loram == "align":
+        # The paper aligns with the head frozen; the embeddings were not pruned either.
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if module is not None:
+                module.requires_grad_(False)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=args.loram_lora_r, lora_alpha=args.loram_lora_alpha, lora_dropout=args.loram_lora_dropout,
+                        target_modules=target_modules(args), task_type="CAUSAL_LM")
+    if args.gradient_checkpointing:
+        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    peft_model = get_peft_model(model, config)
+    if getattr(model, "is_loaded_in_4bit", False):
+        # LoRA factors train in float32 (bitsandbytes computes in compute dtype and casts back).
+        for name, p in peft_model.named_parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+    return peft_model
+
+
+def _tokenizer_of(model):
+    from transformers import AutoTokenizer
+
+    name = getattr(model, "name_or_path", None)
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as exc:
+        raise ConfigError(f"loram_importance needs calibration text, but no tokenizer is found for this model "
+                          f"({name!r}): load the model through a recipe, or use loram_importance magnitude or "
+                          "random") from exc
+
+
+# -- saving ---------------------------------------------------------------------------------------------
+@hookimpl
+def save_model(trainer, output_dir, state_dict, checkpoint):
+    if checkpoint or trainer.args.loram != "lora":
+        return None  # checkpoints keep training the pruned model: the Trainer's own format resumes exactly
+    from peft import get_peft_model_state_dict
+
+    model = trainer.model
+    state = loram_state(model)
+    adapter = get_peft_model_state_dict(model, state_dict=state_dict) if state_dict else get_peft_model_state_dict(model)
+    if not adapter:
+        raise RuntimeError("loram: the adapter state is empty; nothing to recover")
+    from .recovery import recover_state_dict
+
+    config = model.peft_config[model.active_adapter]
+    _write_adapter(Path(output_dir) / PRUNED_ADAPTER_DIR, adapter, config, base=trainer.args.loram_pruned_model)
+    _write_adapter(Path(output_dir), recover_state_dict(adapter, state.plan), config, base=state.original)
+    _write_plan(trainer.args, state, output_dir)
+    return True
+
+
+def _write_adapter(directory: Path, tensors: dict, config, base: Optional[str]) -> None:
+    import copy
+
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(config)
+    config.base_model_name_or_path = base
+    config.inference_mode = True
+    config.save_pretrained(str(directory))
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(directory / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+
+
+@hookimpl
+def export(trainer, output_dir):
+    state = loram_state(trainer.model)
+    if not trainer.is_world_process_zero() or state is None:
+        return
+    if trainer.args.loram == "align":
+        _write_plan(trainer.args, state, output_dir)  # the saved pruned model + its index = loram_pruned_model
+        return
+    if trainer.args.loram_merge:
+        merge(state, output_dir, Path(output_dir) / MERGED_DIR, trainer.processing_class)
+
+
+def merge(state: LoramState, adapter_dir, target, tokenizer=None) -> None:
+    """Original model + recovered adapter, merged (W + α/r·B·A) and saved with ``save_pretrained``."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    if not state.original:
+        raise ConfigError("loram_merge: the original model's location is unknown (a model built in Python); "
+                          "merge with PeftModel.from_pretrained(original, output_dir).merge_and_unload()")
+    with whole_weights():
+        original = AutoModelForCausalLM.from_pretrained(state.original, dtype=state.dtype)
+    merged = PeftModel.from_pretrained(original, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(str(target))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(target))
+    logger.info("loram: merged model written to %s", target)
