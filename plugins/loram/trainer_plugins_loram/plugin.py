@@ -365,12 +365,19 @@ def prepare_model(model, args):
 
     state = loram_state(model)
     if state is None:  # a model built in Python: prune it here
+        if any(hasattr(p, "ds_id") for p in model.parameters()):
+            raise ConfigError("loram needs whole weights to prune, but this model was partitioned by ZeRO-3 while "
+                              "loading: load it through trainer-plugins (a recipe), or build it before the "
+                              "TrainingArguments")
         why = check_architecture(model.config)
         if why:
             raise ConfigError(why)
         _check_model(args, model.config, args.loram_pruning == "structured")
         state = prune(model, args, lambda: _tokenizer_of(model), getattr(model, "name_or_path", None) or None)
         state.dtype = next(model.parameters()).dtype
+    if args.loram_merge and not state.original:
+        raise ConfigError("loram_merge: the original model's location is unknown (a model built in Python without "
+                          "from_pretrained); merge later with PeftModel.from_pretrained(original, output_dir)")
     if args.loram == "align":
         # The paper aligns with the head frozen; the embeddings were not pruned either.
         for module in (model.get_input_embeddings(), model.get_output_embeddings()):
@@ -383,7 +390,9 @@ def prepare_model(model, args):
                         target_modules=target_modules(args), task_type="CAUSAL_LM")
     if args.gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
-    peft_model = get_peft_model(model, config)
+    with torch.random.fork_rng(devices=[]):  # the LoRA init depends on the seed only (runs reproduce)
+        torch.manual_seed(args.seed)
+        peft_model = get_peft_model(model, config)
     if getattr(model, "is_loaded_in_4bit", False):
         # LoRA factors train in float32 (bitsandbytes computes in compute dtype and casts back).
         for name, p in peft_model.named_parameters():
