@@ -388,7 +388,7 @@ def prepare_model(model, args):
 
     config = LoraConfig(r=args.loram_lora_r, lora_alpha=args.loram_lora_alpha, lora_dropout=args.loram_lora_dropout,
                         target_modules=target_modules(args), task_type="CAUSAL_LM")
-    if args.gradient_checkpointing:
+    if getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False):
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     with torch.random.fork_rng(devices=[]):  # the LoRA init depends on the seed only (runs reproduce)
         torch.manual_seed(args.seed)
