@@ -9,8 +9,12 @@ records the peak memory allocated during training (torch.cuda.max_memory_allocat
 once the model exists, so the build transient is excluded) and the median step time. Results are JSON with the
 device, date and command, plus ratios against the first method; a PNG chart if matplotlib is installed.
 
-Methods are registered in METHODS: name -> (prepare(model) -> model, optimizer(model, lr) -> optimizer, hooks).
-Other plugins add theirs here.
+Methods are registered in METHODS (name -> optimizer(model, lr)) and, when they change the model first (LoRA,
+LoRAM pruning, 4-bit), in PREPARE (name -> prepare(model) -> model). Other plugins add theirs here.
+LoRAM's GPU case (issue 5), bf16, 7B and 13B shapes:
+
+    python benchmarks/harness.py --shape 7b --methods lora qlora-peft loram-50 loram-65 qloram-65 \
+        --out benchmarks/results/loram-7b-h100.json
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ SHAPES = {  # Llama shapes from the issues; batch x sequence per step
                num_key_value_heads=4, vocab_size=32000, batch=4, seq=1024),
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=32, vocab_size=32000, batch=1, seq=1024),
+    "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                num_key_value_heads=40, vocab_size=32000, batch=1, seq=1024),
 }
 
 
@@ -69,6 +75,60 @@ def _apollo_torch(rank, scale, scale_type):
     return build
 
 
+def _lora_adamw(model, lr):
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(trainable, lr=lr, fused=trainable[0].device.type == "cuda")
+
+
+def _nf4(model):
+    from transformers import BitsAndBytesConfig
+    from trainer_plugins_loram.storage import quantize_4bit
+
+    dtype = model.dtype
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8)
+    quantize_4bit(model, config, model.device)
+    return model
+
+
+def _lora(prune_ratio=0.0, four_bit=False, peft_kbit=False):
+    """LoRA r8 on the 7 projections, after optional LoRAM pruning (random structured scores: memory and speed
+    do not depend on which units go) and NF4 quantisation. peft_kbit: peft's standard QLoRA preparation
+    (prepare_model_for_kbit_training: float32 non-quantised weights, gradient checkpointing), the baseline."""
+
+    def prepare(model):
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if prune_ratio:
+            from trainer_plugins_loram.pruning import structured_plan
+
+            structured_plan(model, ratio_attn=prune_ratio, ratio_mlp=prune_ratio, keep_first=4, keep_last=2,
+                            importance="random").apply(model)
+        if four_bit:
+            _nf4(model)
+        if peft_kbit:
+            model = prepare_model_for_kbit_training(model)
+        config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        model = get_peft_model(model, config)
+        if four_bit:
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+        return model
+
+    return prepare
+
+
+# name -> model transformation before the optimizer is built (default: none)
+PREPARE = {
+    "lora": _lora(),
+    "qlora-peft": _lora(four_bit=True, peft_kbit=True),
+    "loram-50": _lora(prune_ratio=0.5),
+    "loram-65": _lora(prune_ratio=0.65),
+    "qloram-65": _lora(prune_ratio=0.65, four_bit=True),
+}
+
 METHODS = {
     "adamw": lambda model, lr: torch.optim.AdamW(model.parameters(), lr=lr, fused=model.device.type == "cuda"),
     "sgd": lambda model, lr: torch.optim.SGD(model.parameters(), lr=lr),
@@ -77,6 +137,7 @@ METHODS = {
     "apollo": _ours(256, 1.0, "channel"),
     "apollo-mini": _ours(1, 128.0, "tensor"),
     "apollo-mini-layerwise": _ours(1, 128.0, "tensor", layerwise=True),
+    **{name: _lora_adamw for name in PREPARE},
 }
 
 
@@ -92,8 +153,11 @@ def build_model(shape: dict, device: str, dtype: torch.dtype):
 def run_case(name: str, shape: dict, device: str, dtype: torch.dtype, warmup: int, steps: int) -> dict:
     torch.manual_seed(0)
     model = build_model(shape, device, dtype)
+    if name in PREPARE:
+        model = PREPARE[name](model)
     model.train()
     optimizer = METHODS[name](model, 1e-4)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     tokens = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"]), device=device)
     cuda = device.startswith("cuda")
     if cuda:
@@ -114,6 +178,7 @@ def run_case(name: str, shape: dict, device: str, dtype: torch.dtype, warmup: in
     result = {
         "method": name,
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+        "param_gib": round(param_bytes / 2**30, 3),
         "median_step_s": round(step, 5),
         "tokens_per_s": round(shape["batch"] * shape["seq"] / step, 1),
         "final_loss": round(float(loss), 4),

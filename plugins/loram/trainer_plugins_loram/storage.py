@@ -89,6 +89,5 @@ def quantize_4bit(model, quantization_config, device: torch.device) -> None:
                 if linear.bias is not None:
                     q.bias = nn.Parameter(linear.bias.data.to(device, qc.bnb_4bit_compute_dtype), requires_grad=False)
                 setattr(parent, name, q)
-                del linear
     model.to(device)
     model.is_loaded_in_4bit = True
