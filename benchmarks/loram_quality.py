@@ -8,7 +8,7 @@ Eval loss / perplexity on held-out stdlib modules of
 with and without the alignment run (recipes/smollm2-135m/loram-align.yaml), and the pruned model before any
 training for each importance score (the pruning ablation).
 
-    python benchmarks/loram_quality.py [--skip-train] [--out benchmarks/results/loram_quality_cpu.json]
+    python benchmarks/loram_quality.py [--steps N] [--skip-train] [--out benchmarks/results/loram_quality_cpu.json]
 """
 
 import argparse
@@ -64,6 +64,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-train", action="store_true", help="only evaluate the outputs of earlier runs")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "loram_quality_cpu.json"))
+    parser.add_argument("--steps", type=int, help="max_steps of every run (default: the recipes' 60)")
     ns = parser.parse_args()
     import torch
     from peft import PeftModel
@@ -76,6 +77,7 @@ def main():
     result = {"device": f"CPU ({platform.processor() or platform.machine()})", "date": time.strftime("%Y-%m-%d"),
               "commands": {}, "runs": {}}
     for name, argv in RUNS.items():
+        argv = argv + (["--max_steps", str(ns.steps)] if ns.steps else [])
         result["commands"][name] = "trainer-plugins train " + " ".join(argv)
         if not ns.skip_train:
             subprocess.run([sys.executable, "-m", "trainer_plugins", "train", *argv], cwd=ROOT, check=True)
