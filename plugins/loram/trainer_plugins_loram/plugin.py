@@ -52,7 +52,8 @@ class LoramArguments:
     loram_keep_first_layers: int = field(default=4, metadata={"help": "Leading decoder layers kept dense."})
     loram_keep_last_layers: int = field(default=2, metadata={"help": "Trailing decoder layers kept dense."})
     loram_calibration_dataset: str = field(
-        default="stdlib", metadata={"help": "Text for first_order/wanda scores (the `dataset` syntax)."})
+        default="stdlib", metadata={"help": "Text for first_order/wanda scores: 'stdlib' (offline), a .txt/.jsonl file, "
+                                            "or a hub dataset with a 'text' column and no config (downloaded whole)."})
     loram_calibration_samples: int = field(default=16, metadata={"help": "Calibration sequences."})
     loram_calibration_seq_length: int = field(default=256, metadata={"help": "Tokens per calibration sequence."})
     loram_indices: Optional[str] = field(
