@@ -264,7 +264,8 @@ def calibration_batches(args, tokenizer, batch_size: int = 4) -> list:
 
 
 def make_plan(model, args, tokenizer_fn):
-    """Score and select (or read loram_indices); the model is not changed."""
+    """Score and select (or read loram_indices). The weights are not changed; with calibration batches the
+    model moves to the GPU (if any) first, where it then stays."""
     from .pruning import PruningPlan, structured_plan, unstructured_plan
 
     if args.loram_indices:
@@ -370,10 +371,7 @@ def prepare_model(model, args):
             raise ConfigError("loram needs whole weights to prune, but this model was partitioned by ZeRO-3 while "
                               "loading: load it through trainer-plugins (a recipe), or build it before the "
                               "TrainingArguments")
-        why = check_architecture(model.config)
-        if why:
-            raise ConfigError(why)
-        _check_model(args, model.config, args.loram_pruning == "structured")
+        # validate() has checked the architecture against model.config already (the host runs it first).
         state = prune(model, args, lambda: _tokenizer_of(model), getattr(model, "name_or_path", None) or None)
         state.dtype = next(model.parameters()).dtype
     if args.loram_merge and not state.original:
