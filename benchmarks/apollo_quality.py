@@ -1,0 +1,67 @@
+"""APOLLO quality on CPU (offline), equal steps and data, each run against AdamW:
+
+  finetune  SmolLM2-135M-Instruct on Python stdlib source (recipes/quickstart.yaml: AdamW, and the same recipe
+            with --apollo mini), same learning rate
+  pretrain  a 4-layer model with SmolLM2's architecture from random weights on stdlib text
+            (recipes/smollm2-135m/sparse-pretrain.yaml with sparsity off): AdamW, APOLLO rank 64 (1/4 of the
+            width, the paper's pre-training ratio), APOLLO-Mini
+
+Issue 3's bar: Mini's fine-tune eval loss within 2% of AdamW's (or better); APOLLO's pre-training loss <= AdamW's.
+
+    python benchmarks/apollo_quality.py [--finetune-steps N] [--skip-train] [--out benchmarks/results/apollo_quality_cpu.json]
+"""
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FINETUNE = "recipes/quickstart.yaml"
+PRETRAIN = "recipes/smollm2-135m/sparse-pretrain.yaml"
+
+
+def runs(finetune_steps):
+    steps = ["--max_steps", str(finetune_steps)] if finetune_steps else []
+    return {
+        "finetune/adamw": [FINETUNE, "--output_dir", "outputs/apollo-quality-ft-adamw", *steps],
+        "finetune/apollo-mini": [FINETUNE, "--apollo", "mini", "--output_dir", "outputs/apollo-quality-ft-mini", *steps],
+        "pretrain/adamw": [PRETRAIN, "--sparse", "off", "--output_dir", "outputs/apollo-quality-pt-adamw"],
+        "pretrain/apollo-r64": [PRETRAIN, "--sparse", "off", "--apollo", "apollo", "--apollo_rank", "64",
+                                "--output_dir", "outputs/apollo-quality-pt-apollo"],
+        "pretrain/apollo-mini": [PRETRAIN, "--sparse", "off", "--apollo", "mini",
+                                 "--output_dir", "outputs/apollo-quality-pt-mini"],
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--finetune-steps", type=int, help="max_steps of the fine-tunes (default: the recipe's 60)")
+    parser.add_argument("--skip-train", action="store_true", help="only collect the outputs of earlier runs")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "apollo_quality_cpu.json"))
+    ns = parser.parse_args()
+    result = {"device": f"CPU ({platform.processor() or platform.machine()})", "date": time.strftime("%Y-%m-%d"),
+              "runs": {}}
+    for name, argv in runs(ns.finetune_steps).items():
+        if not ns.skip_train:
+            subprocess.run([sys.executable, "-m", "trainer_plugins", "train", *argv], cwd=ROOT, check=True)
+        out = json.loads((ROOT / argv[argv.index("--output_dir") + 1] / "results.json").read_text())
+        result["runs"][name] = {"command": "trainer-plugins train " + " ".join(argv), "before": out.get("before"),
+                                "after": out["after"], "train": out["train"],
+                                "optimizer_state_bytes": (out.get("memory") or {}).get("optimizer_state_bytes")}
+    loss = {name: r["after"]["eval_loss"] for name, r in result["runs"].items()}
+    result["summary"] = {
+        "finetune_mini_vs_adamw": loss["finetune/apollo-mini"] / loss["finetune/adamw"],
+        "pretrain_apollo_vs_adamw": loss["pretrain/apollo-r64"] / loss["pretrain/adamw"],
+        "pretrain_mini_vs_adamw": loss["pretrain/apollo-mini"] / loss["pretrain/adamw"],
+        "eval_loss": loss,
+    }
+    print(json.dumps(result["summary"], indent=2))
+    Path(ns.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
