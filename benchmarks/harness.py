@@ -112,9 +112,9 @@ def _lora(prune_ratio=0.0, four_bit=False, peft_kbit=False):
                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
         model = get_peft_model(model, config)
         if four_bit:
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.data = p.data.float()
+            from trainer_plugins_loram.storage import trainable_in_float32
+
+            trainable_in_float32(model)
         return model
 
     return prepare

@@ -182,7 +182,7 @@ def _check_model(args, config, structured: bool) -> None:
             from .pruning import PruningPlan
 
             path = Path(source) / INDEX_FILE if Path(source).is_dir() else Path(source)
-            saved = PruningPlan.load(path).geometry
+            saved = PruningPlan.read_geometry(path)
             if saved != g:
                 raise ConfigError(f"{source} was pruned from a model shaped {saved}, not this one ({g})")
 
@@ -310,9 +310,13 @@ def prune(model, args, tokenizer_fn, original: Optional[str]) -> LoramState:
     plan = _resume_plan(args) or make_plan(model, args, tokenizer_fn)
     plan.apply(model)
     after = count_parameters(model)[0]
-    state = LoramState(plan, original, record={"mode": args.loram, "original_model": original,
-                                               "parameters": {"original": before, "pruned": after,
-                                                              "pruned_fraction": 1 - after / before}})
+    return _attach(model, args, plan, original, parameters={"original": before, "pruned": after,
+                                                            "pruned_fraction": 1 - after / before})
+
+
+def _attach(model, args, plan, original: Optional[str], **record) -> LoramState:
+    """Remember the plan on the (pruned) model and write the index file next to the output at once."""
+    state = LoramState(plan, original, record={"mode": args.loram, "original_model": original, **record})
     model._loram = state
     _write_plan(args, state)
     return state
@@ -344,11 +348,8 @@ def load_model(args, model_args):
             from .storage import load_pruned_model
 
             model, plan = load_pruned_model(args.loram_pruned_model, dtype, model_args.attn_implementation)
-            state = LoramState(plan, original, record={"mode": args.loram, "original_model": original,
-                                                       "pruned_model": args.loram_pruned_model,
-                                                       "parameters": {"pruned": count_parameters(model)[0]}})
-            model._loram = state
-            _write_plan(args, state)
+            state = _attach(model, args, plan, original, pruned_model=args.loram_pruned_model,
+                            parameters={"pruned": count_parameters(model)[0]})
         else:
             model = host_load(dataclasses.replace(model_args, load_in_4bit=False), zero3=False)
             state = prune(model, args, lambda: load_tokenizer(model_args), original)
@@ -393,10 +394,9 @@ def prepare_model(model, args):
         torch.manual_seed(args.seed)
         peft_model = get_peft_model(model, config)
     if getattr(model, "is_loaded_in_4bit", False):
-        # LoRA factors train in float32 (bitsandbytes computes in compute dtype and casts back).
-        for name, p in peft_model.named_parameters():
-            if p.requires_grad and p.dtype != torch.float32:
-                p.data = p.data.float()
+        from .storage import trainable_in_float32
+
+        trainable_in_float32(peft_model)
     return peft_model
 
 
@@ -464,9 +464,6 @@ def merge(state: LoramState, adapter_dir, target, tokenizer=None) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    if not state.original:
-        raise ConfigError("loram_merge: the original model's location is unknown (a model built in Python); "
-                          "merge with PeftModel.from_pretrained(original, output_dir).merge_and_unload()")
     with whole_weights():
         original = AutoModelForCausalLM.from_pretrained(state.original, dtype=state.dtype)
     merged = PeftModel.from_pretrained(original, str(adapter_dir)).merge_and_unload()

@@ -171,14 +171,27 @@ class PruningPlan:
                 "mask_shapes": json.dumps(shapes), "settings": json.dumps(self.settings)}
         save_file(tensors, str(path), metadata=meta)
 
+    @staticmethod
+    def _metadata(f, path) -> dict:
+        meta = f.metadata() or {}
+        if meta.get("format") != "loram":
+            raise ValueError(f"{path} is not a LoRAM pruning index file")
+        return meta
+
+    @classmethod
+    def read_geometry(cls, path) -> Geometry:
+        """The original model's geometry, from the file's header only (no tensors read: cheap to validate)."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return Geometry(**json.loads(cls._metadata(f, path)["geometry"]))
+
     @classmethod
     def load(cls, path) -> "PruningPlan":
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != "loram":
-                raise ValueError(f"{path} is not a LoRAM pruning index file")
+            meta = cls._metadata(f, path)
             plan = cls(kind=meta["kind"], geometry=Geometry(**json.loads(meta["geometry"])),
                        settings=json.loads(meta.get("settings", "{}")))
             shapes = json.loads(meta.get("mask_shapes", "{}"))

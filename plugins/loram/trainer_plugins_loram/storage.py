@@ -91,3 +91,11 @@ def quantize_4bit(model, quantization_config, device: torch.device) -> None:
                 setattr(parent, name, q)
     model.to(device)
     model.is_loaded_in_4bit = True
+
+
+def trainable_in_float32(model) -> None:
+    """LoRA factors on a 4-bit base train in float32 (bitsandbytes computes in the compute dtype and casts
+    back); only they are up-cast, never the frozen embeddings, norms or head."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
