@@ -305,6 +305,19 @@ def build_datasets(data_args: DataArguments, tokenizer,
     return train, evaluation
 
 
+def calibration_batches(dataset: str, samples: int, seq_length: int, tokenizer, seed: int = 42,
+                        batch_size: int = 4) -> list[torch.Tensor]:
+    """``samples`` token blocks of exactly ``seq_length`` tokens from ``dataset``, stacked into batches: the
+    calibration text plugins score weights on (pruning importance, Fisher information)."""
+    data_args = DataArguments(dataset=dataset, max_seq_length=seq_length, max_train_samples=samples,
+                              eval_fraction=0.0)
+    train, _ = build_datasets(data_args, tokenizer, seed=seed)
+    rows = [torch.tensor(ex["input_ids"]) for ex in train if len(ex["input_ids"]) == seq_length]
+    if not rows:
+        raise ConfigError(f"calibration dataset {dataset!r} gave no sequence of {seq_length} tokens")
+    return [torch.stack(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+
+
 def _examples(corpus: _Corpus, items: list, tokenizer, a: DataArguments, limit: Optional[int]) -> list[dict]:
     documents = (corpus.read(item) for item in items)  # lazy: only what the limit needs is read
     if corpus.is_chat:

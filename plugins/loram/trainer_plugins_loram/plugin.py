@@ -248,19 +248,11 @@ def _broadcast():
     return reduce
 
 
-def calibration_batches(args, tokenizer, batch_size: int = 4) -> list:
-    import torch
+def calibration_batches(args, tokenizer) -> list:
+    from trainer_plugins.data import calibration_batches as batches
 
-    from trainer_plugins.data import DataArguments, build_datasets
-
-    data_args = DataArguments(dataset=args.loram_calibration_dataset, max_seq_length=args.loram_calibration_seq_length,
-                              max_train_samples=args.loram_calibration_samples, eval_fraction=0.0)
-    train, _ = build_datasets(data_args, tokenizer, seed=args.seed)
-    rows = [torch.tensor(ex["input_ids"]) for ex in train if len(ex["input_ids"]) == args.loram_calibration_seq_length]
-    if not rows:
-        raise ConfigError(f"loram_calibration_dataset {args.loram_calibration_dataset!r} gave no sequence of "
-                          f"{args.loram_calibration_seq_length} tokens")
-    return [torch.stack(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+    return batches(args.loram_calibration_dataset, args.loram_calibration_samples,
+                   args.loram_calibration_seq_length, tokenizer, seed=args.seed)
 
 
 def make_plan(model, args, tokenizer_fn):

@@ -1,0 +1,128 @@
+"""What LST needs to know about a backbone architecture: where its layers and final norm are, how wide
+a side layer is, and which rows/columns of each backbone weight a pruned side layer keeps.
+
+Two families share all the code paths:
+- decoders (Llama, Mistral, Qwen2, Qwen3): pre-norm layers with RoPE, a final RMSNorm, grouped KV heads;
+- encoders (BERT, RoBERTa): post-norm layers with learned positions, no final norm.
+The side network is built from the backbone's own layer class at width d/r, with the same number of heads
+(head size divided by r), as in the paper.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from trainer_plugins import ConfigError
+
+DECODERS = ("llama", "mistral", "qwen2", "qwen3")
+ENCODERS = ("bert", "roberta")
+SUPPORTED = DECODERS + ENCODERS
+
+# How a pruned side layer slices each backbone weight: suffix -> (index set of the rows, of the columns).
+# Index sets (see pruning.py): "res" = the kept residual-stream dims (one set for the whole network),
+# "q"/"k" = the kept query/key rows of every head, "v" = value rows, "o" = the output projection's
+# columns (each head's kept value dims), "qk_dims" = the kept dims inside one head, "mlp" = kept neurons.
+DECODER_SLICES = {
+    "input_layernorm.weight": ("res",),
+    "post_attention_layernorm.weight": ("res",),
+    "self_attn.q_proj.weight": ("q", "res"), "self_attn.q_proj.bias": ("q",),
+    "self_attn.k_proj.weight": ("k", "res"), "self_attn.k_proj.bias": ("k",),
+    "self_attn.v_proj.weight": ("v", "res"), "self_attn.v_proj.bias": ("v",),
+    "self_attn.o_proj.weight": ("res", "o"), "self_attn.o_proj.bias": ("res",),
+    "self_attn.q_norm.weight": ("qk_dims",), "self_attn.k_norm.weight": ("qk_dims",),  # Qwen3
+    "mlp.gate_proj.weight": ("mlp", "res"), "mlp.gate_proj.bias": ("mlp",),
+    "mlp.up_proj.weight": ("mlp", "res"), "mlp.up_proj.bias": ("mlp",),
+    "mlp.down_proj.weight": ("res", "mlp"), "mlp.down_proj.bias": ("res",),
+}
+ENCODER_SLICES = {
+    "attention.self.query.weight": ("q", "res"), "attention.self.query.bias": ("q",),
+    "attention.self.key.weight": ("k", "res"), "attention.self.key.bias": ("k",),
+    "attention.self.value.weight": ("v", "res"), "attention.self.value.bias": ("v",),
+    "attention.output.dense.weight": ("res", "o"), "attention.output.dense.bias": ("res",),
+    "attention.output.LayerNorm.weight": ("res",), "attention.output.LayerNorm.bias": ("res",),
+    "intermediate.dense.weight": ("mlp", "res"), "intermediate.dense.bias": ("mlp",),
+    "output.dense.weight": ("res", "mlp"), "output.dense.bias": ("res",),
+    "output.LayerNorm.weight": ("res",), "output.LayerNorm.bias": ("res",),
+}
+# The weights whose importance picks each index set (pruning.py): attention query/key, value, output, MLP.
+DECODER_WEIGHTS = {"q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight", "v": "self_attn.v_proj.weight",
+                   "o": "self_attn.o_proj.weight", "mlp_in": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+                   "mlp_out": "mlp.down_proj.weight"}
+ENCODER_WEIGHTS = {"q": "attention.self.query.weight", "k": "attention.self.key.weight",
+                   "v": "attention.self.value.weight", "o": "attention.output.dense.weight",
+                   "mlp_in": ("intermediate.dense.weight",), "mlp_out": "output.dense.weight"}
+
+
+def family(model_type: str | None) -> str:
+    if model_type in DECODERS:
+        return "decoder"
+    if model_type in ENCODERS:
+        return "encoder"
+    raise ConfigError(f"lst supports the model types {SUPPORTED} (decoders: Llama/Mistral/Qwen2/Qwen3; encoders: "
+                      f"BERT/RoBERTa), not {model_type!r}")
+
+
+def slices(kind: str) -> dict:
+    return DECODER_SLICES if kind == "decoder" else ENCODER_SLICES
+
+
+def weights(kind: str) -> dict:
+    return DECODER_WEIGHTS if kind == "decoder" else ENCODER_WEIGHTS
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def kv_heads(config) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def intermediate_size(config) -> int:
+    return config.intermediate_size
+
+
+def layers_of(model):
+    """The backbone's list of transformer layers."""
+    base = model.base_model
+    if hasattr(base, "layers"):
+        return base.layers
+    return base.encoder.layer
+
+
+def final_norm_of(model):
+    """The decoder's final norm (applied after the merge), or None for post-norm encoders."""
+    return getattr(model.base_model, "norm", None)
+
+
+def check(config, reduction: int, layer_ids: list[int]) -> None:
+    """One clear error for a backbone LST cannot reduce by ``reduction`` (before any weight is loaded)."""
+    kind = family(getattr(config, "model_type", None))
+    if kind == "decoder":
+        types = set(getattr(config, "layer_types", None) or ())
+        if getattr(config, "use_sliding_window", False) or "sliding_attention" in types:
+            raise ConfigError("lst: this model uses sliding-window attention layers; the side network's KV cache "
+                              "does not implement the window yet. Use a full-attention checkpoint/config")
+    d, hd = config.hidden_size, head_dim(config)
+    # Decoders rotate (dim, dim + head/2) pairs, so a side head needs an even size.
+    need = 2 if kind == "decoder" else 1
+    ok = [r for r in range(2, hd + 1) if d % r == 0 and hd % r == 0 and (hd // r) % need == 0
+          and intermediate_size(config) >= r]
+    if reduction not in ok:
+        raise ConfigError(f"lst_reduction_factor={reduction} does not divide this model evenly (hidden {d}, head "
+                          f"size {hd}{', RoPE pairs' if need == 2 else ''}); values that work: {ok[:12]}")
+    n = config.num_hidden_layers
+    bad = [i for i in layer_ids if not 0 <= i < n]
+    if bad:
+        raise ConfigError(f"lst_layers: layers {bad} do not exist; the model has layers 0..{n - 1}")
+
+
+def side_config(config, reduction: int):
+    """The backbone's config at width d/r: same layer count, head count and KV groups, head size / r."""
+    side = copy.deepcopy(config)
+    side.hidden_size = config.hidden_size // reduction
+    side.intermediate_size = config.intermediate_size // reduction
+    if family(config.model_type) == "decoder":
+        side.head_dim = head_dim(config) // reduction
+    # The attention implementation stays the backbone's: side layer i reuses the mask built for backbone layer i.
+    return side

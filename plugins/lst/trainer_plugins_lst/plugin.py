@@ -1,0 +1,358 @@
+"""Trainer glue for LST: flags, checks, building/initialising/attaching the side network, saving it alone.
+The method is in side.py (the network and its hooks) and pruning.py (structure and init)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from trainer_plugins import ConfigError, PluginSpec, hookimpl
+
+logger = logging.getLogger("trainer_plugins.lst")
+
+WEIGHTS_NAME = "lst_side.safetensors"
+CONFIG_NAME = "lst_config.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LstArguments:
+    lst: bool = field(default=False, metadata={
+        "help": "Ladder Side-Tuning: freeze the model and train a side network of width d/r fed by every chosen "
+                "layer's output; no backpropagation through the backbone."})
+    lst_reduction_factor: int = field(default=8, metadata={
+        "help": "r: the side network has width d/r, head size head/r (same head count) and MLP width d_ff/r."})
+    lst_layers: str = field(default="all", metadata={
+        "help": "Backbone layers that get a side block (layer dropping): 'all', 'every:K' (every K-th, ending at "
+                "the last layer) or a comma list '3,7,11'."})
+    lst_init: Literal["pruned", "random"] = field(default="pruned", metadata={
+        "help": "pruned: side blocks = structurally pruned backbone layers (LST); random: normal init (QST)."})
+    lst_importance: Literal["magnitude", "fisher"] = field(default="magnitude", metadata={
+        "help": "What picks the kept units for lst_init=pruned: |W|, or the empirical Fisher sum (dL/dW)^2 of the "
+                "language-modelling loss over calibration batches (decoders; whole weights, no 4-bit)."})
+    lst_calibration_dataset: str = field(default="stdlib", metadata={
+        "help": "Calibration text for lst_importance=fisher (a dataset as in the data section)."})
+    lst_calibration_samples: int = field(default=16, metadata={"help": "Calibration sequences (Fisher)."})
+    lst_calibration_seq_length: int = field(default=256, metadata={"help": "Tokens per calibration sequence."})
+    lst_merge: Literal["add", "none"] = field(default="add", metadata={
+        "help": "add: output = backbone's last hidden state + Up(side), Up starting at 0 so training starts from "
+                "the backbone's predictions; none: output = Up(side) alone (the paper's LST)."})
+    lst_gate_alpha: float = field(default=0.0, metadata={"help": "Initial gate logit alpha (gate = sigmoid(alpha/T))."})
+    lst_gate_temperature: float = field(default=0.1, metadata={"help": "Gate temperature T."})
+    lst_train_head: str = field(default="auto", metadata={
+        "help": "Model modules trained with the side network: 'auto' (a new classification head: classifier/score "
+                "of *ForSequenceClassification models; nothing for language models, whose head stays frozen), "
+                "'none', or comma-separated module names."})
+    lst_side_dir: str = field(default="", metadata={
+        "help": "Start from a saved side network (a directory with lst_side.safetensors) instead of initialising one."})
+
+
+@hookimpl
+def plugin_spec():
+    return PluginSpec(
+        name="lst",
+        arguments=LstArguments,
+        description="Ladder Side-Tuning: a small side network fed by a frozen backbone, no backprop through it",
+        requires={"safetensors": "safetensors"},
+        # 4-bit: the backbone is frozen, so it may be quantised (QST). ZeRO-3 partitions backbone and side alike.
+        supports=frozenset({"ddp", "zero2", "zero3", "4bit"}),
+        conflicts={
+            "meft": "MEFT makes the backbone's own layers trainable and reversible; LST freezes them",
+            "loram": "LoRAM trains LoRA inside the (pruned) backbone; LST freezes the backbone",
+            "sparse": "sparse pruning schedules act on the trained weights, and LST's backbone is frozen",
+            "apollo": "APOLLO saves optimizer memory on big weight matrices; LST's side network is already small",
+        },
+    )
+
+
+def layer_ids(spec: str, n_layers: int) -> list[int]:
+    """Parse lst_layers for a backbone of ``n_layers`` layers."""
+    spec = spec.strip().lower()
+    if spec == "all":
+        return list(range(n_layers))
+    if spec.startswith("every:"):
+        try:
+            k = int(spec.split(":", 1)[1])
+        except ValueError:
+            k = 0
+        if k < 1:
+            raise ConfigError(f"lst_layers={spec!r}: 'every:K' needs an integer K >= 1")
+        return [i for i in range(n_layers) if (n_layers - 1 - i) % k == 0]
+    try:
+        ids = sorted({int(x) for x in spec.split(",") if x.strip()})
+    except ValueError:
+        ids = []
+    if not ids:
+        raise ConfigError(f"lst_layers={spec!r}: use 'all', 'every:K' or a comma list of layer indices like '3,7,11'")
+    return ids
+
+
+@hookimpl
+def validate(args, model_args, model_config):
+    from trainer_plugins.trainer import deepspeed_stage
+
+    from . import families
+
+    if args.lst_init not in ("pruned", "random"):
+        raise ConfigError(f"lst_init must be 'pruned' or 'random', got {args.lst_init!r}")
+    if args.lst_importance not in ("magnitude", "fisher"):
+        raise ConfigError(f"lst_importance must be 'magnitude' or 'fisher', got {args.lst_importance!r}")
+    if args.lst_merge not in ("add", "none"):
+        raise ConfigError(f"lst_merge must be 'add' or 'none', got {args.lst_merge!r}")
+    if not args.lst_gate_temperature > 0:
+        raise ConfigError(f"lst_gate_temperature must be > 0, got {args.lst_gate_temperature}")
+    if args.lst_reduction_factor < 2:
+        raise ConfigError(f"lst_reduction_factor must be >= 2 (the side network is d/r wide), got "
+                          f"{args.lst_reduction_factor}")
+    if args.lst_calibration_samples < 1 or args.lst_calibration_seq_length < 8:
+        raise ConfigError("lst_calibration_samples must be >= 1 and lst_calibration_seq_length >= 8")
+    if getattr(args, "gradient_checkpointing", False) or getattr(args, "activation_checkpointing", False):
+        raise ConfigError("lst keeps no backbone activations, and the side network's are small: activation (gradient) "
+                          "checkpointing would only re-run the frozen backbone. Set activation_checkpointing false")
+    if args.lst_side_dir and not (Path(args.lst_side_dir) / WEIGHTS_NAME).is_file():
+        raise ConfigError(f"lst_side_dir: no {WEIGHTS_NAME} in {args.lst_side_dir!r}")
+    fisher = args.lst_init == "pruned" and args.lst_importance == "fisher" and not args.lst_side_dir
+    four_bit = getattr(model_args, "load_in_4bit", False)
+    if fisher and four_bit:
+        raise ConfigError("lst_importance=fisher needs gradients of whole weights, which a 4-bit backbone does not "
+                          "have: use lst_importance=magnitude (dequantised weights) or lst_init=random (QST)")
+    stage = deepspeed_stage(args)
+    if fisher and stage == 3:
+        raise ConfigError("lst_importance=fisher runs a backward pass through the whole backbone before training, "
+                          "which ZeRO-3's partitioned weights do not allow: use lst_importance=magnitude")
+    if four_bit and stage is not None:
+        raise ConfigError("lst: a 4-bit backbone under DeepSpeed is not tested; use DDP (torchrun without "
+                          "deepspeed) with the 4-bit backbone, or ZeRO-2/3 with a 16-bit one")
+    if model_config is not None:
+        kind = families.family(getattr(model_config, "model_type", None))
+        if fisher and kind == "encoder":
+            raise ConfigError("lst_importance=fisher scores weights with the language-modelling loss of a decoder; "
+                              "for encoders use lst_importance=magnitude")
+        families.check(model_config, args.lst_reduction_factor, layer_ids(args.lst_layers,
+                                                                          model_config.num_hidden_layers))
+    else:
+        layer_ids(args.lst_layers, 10 ** 6)  # syntax only
+
+
+def settings_of(args, config):
+    from .pruning import SideSettings
+
+    return SideSettings(reduction=args.lst_reduction_factor, layer_ids=layer_ids(args.lst_layers,
+                                                                                  config.num_hidden_layers),
+                        merge=args.lst_merge, temperature=args.lst_gate_temperature, alpha=args.lst_gate_alpha)
+
+
+@hookimpl
+def load_model(args, model_args):
+    """Only for Fisher importance: score on whole weights right after loading, with the run's tokenizer."""
+    if model_args is None or args.lst_init != "pruned" or args.lst_importance != "fisher" or args.lst_side_dir:
+        return None
+    from trainer_plugins.models import load_model as host_load
+    from trainer_plugins.models import load_tokenizer
+
+    model = host_load(model_args)
+    model._lst_selection = _fisher_selection(model, args, load_tokenizer(model_args))
+    return model
+
+
+def _fisher_selection(model, args, tokenizer):
+    from trainer_plugins.data import calibration_batches
+
+    from .pruning import fisher, importance_names, select
+
+    settings = settings_of(args, model.config)
+    batches = calibration_batches(args.lst_calibration_dataset, args.lst_calibration_samples,
+                                  args.lst_calibration_seq_length, tokenizer, seed=args.seed)
+    logger.info("lst: Fisher importance over %d calibration sequences", sum(len(b) for b in batches))
+    return select(model, settings, fisher(model, batches, importance_names(model, settings.layer_ids)))
+
+
+@hookimpl
+def prepare_model(model, args):
+    import torch
+
+    from . import families
+    from .pruning import build, init_pruned, init_random, magnitude, select
+    from .side import attach
+
+    config = model.config
+    model.requires_grad_(False)
+    settings = settings_of(args, config)
+    record = {"init": args.lst_init, "importance": args.lst_importance if args.lst_init == "pruned" else None}
+    with torch.random.fork_rng(devices=[]):  # the side network depends on the seed only (runs reproduce)
+        torch.manual_seed(args.seed)
+        side = build(model, settings).to(_device_of(model))
+        if args.lst_side_dir:
+            record = {"init": f"from {args.lst_side_dir}"}
+        elif args.lst_init == "random":
+            init_random(model, side)
+        else:
+            selection = getattr(model, "_lst_selection", None)
+            if selection is None and args.lst_importance == "fisher":
+                selection = _fisher_selection(model, args, _tokenizer_of(model))
+            init_pruned(model, side, selection or select(model, settings, magnitude))
+    model.__dict__.pop("_lst_selection", None)
+    attach(model, side, families.layers_of(model))
+    head = head_modules(model, args.lst_train_head)
+    for name in head:
+        model.get_submodule(name).requires_grad_(True)
+    side.record = {**record, "head_modules": head, "settings": settings.__dict__}
+    if args.lst_side_dir:
+        load_weights(model, args.lst_side_dir)
+    if getattr(model, "is_quantized", False):
+        # transformers refuses to train a quantised model unless "adapters" are attached: the side network is.
+        model._hf_peft_config_loaded = True
+    _quiet_partial_checkpoint_warning()
+    return model
+
+
+def _device_of(model):
+    return model.get_input_embeddings().weight.device
+
+
+def head_modules(model, spec: str) -> list[str]:
+    """Names of the model's modules trained alongside the side network (lst_train_head)."""
+    spec = spec.strip()
+    if spec == "none":
+        return []
+    if spec != "auto":
+        names = [n.strip() for n in spec.split(",") if n.strip()]
+        known = dict(model.named_modules())
+        missing = [n for n in names if n not in known]
+        if missing:
+            raise ConfigError(f"lst_train_head: the model has no modules {missing}")
+        return names
+    if not type(model).__name__.endswith("ForSequenceClassification"):
+        return []  # a language model's head (often tied to the embeddings) stays frozen
+    base = model.base_model
+    return [name for name, module in model.named_children()
+            if module is not base and any(True for _ in module.parameters())]
+
+
+def _tokenizer_of(model):
+    from transformers import AutoTokenizer
+
+    name = getattr(model, "name_or_path", None)
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as exc:
+        raise ConfigError(f"lst_importance=fisher needs calibration text, but no tokenizer is found for this model "
+                          f"({name!r}): load the model through a recipe, or use lst_importance=magnitude") from exc
+
+
+class _PartialCheckpointFilter(logging.Filter):
+    """Checkpoints hold the side network only; the Trainer would list every frozen backbone weight as missing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("There were missing keys in the checkpoint model loaded")
+                    and "lst_side." not in message)
+
+
+def _quiet_partial_checkpoint_warning() -> None:
+    log = logging.getLogger("transformers.trainer")
+    if not any(isinstance(f, _PartialCheckpointFilter) for f in log.filters):
+        log.addFilter(_PartialCheckpointFilter())
+
+
+# -- saving and loading ------------------------------------------------------------------------------------
+def trained_state(model, state_dict: Optional[dict] = None) -> dict:
+    """The side network's tensors (and the trained head's), named as in ``model.state_dict()``."""
+    from .side import side_of
+
+    model = getattr(model, "module", model)
+    side = side_of(model)
+    heads = tuple(f"{n}." for n in side.record.get("head_modules", []))
+    state = state_dict if state_dict else model.state_dict()
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()
+            if k.startswith("lst_side.") or k.startswith(heads)}
+
+
+def side_config(model) -> dict:
+    from .side import side_of
+
+    model = getattr(model, "module", model)
+    side = side_of(model)
+    config = model.config
+    return {"format": FORMAT_VERSION, **side.record, "backbone": {
+        "name_or_path": getattr(model, "name_or_path", None) or None, "model_type": config.model_type,
+        "architecture": type(model).__name__, "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers}}
+
+
+@hookimpl
+def save_model(trainer, output_dir, state_dict, checkpoint):
+    from safetensors.torch import save_file
+
+    from transformers.utils import SAFE_WEIGHTS_NAME
+
+    os.makedirs(output_dir, exist_ok=True)
+    state = trained_state(trainer.model, state_dict)
+    # In a checkpoint the side network goes where the Trainer's resume reads model weights (it loads them
+    # with strict=False; the frozen backbone comes from the model it was given).
+    save_file(state, os.path.join(output_dir, SAFE_WEIGHTS_NAME if checkpoint else WEIGHTS_NAME),
+              metadata={"format": "pt"})
+    with open(os.path.join(output_dir, CONFIG_NAME), "w") as f:
+        json.dump(side_config(trainer.model), f, indent=2)
+    return True
+
+
+@hookimpl
+def metrics(trainer):
+    from .side import side_of
+
+    side = side_of(trainer.model)
+    alphas = [step.alpha for step in side.steps] if side is not None else []
+    if not alphas or any(a.numel() != 1 for a in alphas):  # ZeRO-3 partitions: not readable here
+        return None
+    import torch
+
+    gates = torch.sigmoid(torch.stack([a.detach().float() for a in alphas]) / side.steps[0].temperature)
+    return {"lst/gate_mean": gates.mean().item(), "lst/gate_min": gates.min().item(),
+            "lst/gate_max": gates.max().item()}
+
+
+def load_weights(model, directory) -> None:
+    from safetensors.torch import load_file
+
+    path = Path(directory)
+    file = path / WEIGHTS_NAME if (path / WEIGHTS_NAME).is_file() else path / "model.safetensors"
+    state = load_file(str(file))
+    expected = set(trained_state(model))
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise ConfigError(f"lst: {file} does not fit this side network (missing {sorted(missing)[:5]}, unexpected "
+                          f"{sorted(unexpected)[:5]}): was it trained with other lst settings?")
+    model.load_state_dict(state, strict=False)
+
+
+def load(model, side_dir, trainable: bool = False):
+    """The trained LST model: ``model`` (the same backbone, any precision, e.g. 4-bit) + the side network saved
+    in ``side_dir``. Returns ``model`` with the side network attached (frozen unless ``trainable``)."""
+    from . import families
+    from .pruning import SideSettings, build
+    from .side import attach
+
+    with open(Path(side_dir) / CONFIG_NAME) as f:
+        saved = json.load(f)
+    backbone = saved["backbone"]
+    config = model.config
+    if (config.model_type, config.hidden_size, config.num_hidden_layers) != (
+            backbone["model_type"], backbone["hidden_size"], backbone["num_hidden_layers"]):
+        raise ConfigError(f"lst: the side network in {side_dir} was trained on a {backbone['model_type']} with "
+                          f"hidden {backbone['hidden_size']} and {backbone['num_hidden_layers']} layers, not this "
+                          f"{config.model_type} ({config.hidden_size}, {config.num_hidden_layers})")
+    model.requires_grad_(False)
+    side = build(model, SideSettings(**saved["settings"])).to(_device_of(model))
+    attach(model, side, families.layers_of(model))
+    side.record = {k: v for k, v in saved.items() if k not in ("format", "backbone")}
+    load_weights(model, side_dir)
+    if trainable:
+        side.requires_grad_(True)
+        for name in saved.get("head_modules", []):
+            model.get_submodule(name).requires_grad_(True)
+    return model

@@ -1,0 +1,182 @@
+"""The ladder side network (plain torch; no Trainer import) and how it rides along a frozen backbone.
+
+Per forward pass, with h^b_i the output of backbone layer i and h^s the side stream (width d/r):
+
+    h^s   = Down_0(h^b_in)                                   the backbone's embeddings (input of layer 0)
+    for each layer i that has a side block:
+        mu_i  = sigmoid(alpha_i / T)                         learnable gate, alpha_i = 0 -> mu = 0.5
+        h^s   = mu_i * h^s + (1 - mu_i) * Down_i(h^b_i)       the ladder
+        h^s   = SideBlock_i(h^s)                             the backbone's own layer class at width d/r
+    out   = h^b_last + Up(norm(h^s))   (merge="add")   or   Up(norm(h^s))   (merge="none", the paper's LST)
+
+and ``out`` replaces the last backbone layer's output, so the model's own final norm, head, loss and
+``generate()`` run unchanged. The side network is attached with forward hooks on the backbone's layers
+(``attach``): the backbone's hidden states enter the side network detached, and the backbone has no
+parameter that requires grad, so autograd records nothing inside the backbone and keeps none of its
+activations; backpropagation runs through the side network, the ladders and the frozen head only.
+
+The side layers' attention reuses the mask (and KV cache) the backbone built for the same layer; their KV
+entries live in the same cache object at layer index ``n_backbone_layers + k``, so beam search and cache
+cropping treat both networks alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+
+def rotary(inv_freq: torch.Tensor, position_ids: torch.Tensor, scaling: float, dtype: torch.dtype):
+    """(cos, sin) of RoPE for the given frequencies (the convention of transformers' rotate_half)."""
+    freqs = position_ids[:, :, None].float() * inv_freq[None, None, :].float()
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+
+class SideStep(nn.Module):
+    """One rung of the ladder: gate the downsampled backbone state into the side stream, run the side block.
+
+    Holds its gate as its own parameter so that ZeRO-3 gathers it when this module runs."""
+
+    def __init__(self, block: nn.Module, d_backbone: int, d_side: int, rope_pairs: int, rope_scaling: float,
+                 temperature: float, alpha: float):
+        super().__init__()
+        self.down = nn.Linear(d_backbone, d_side)
+        self.alpha = nn.Parameter(torch.tensor(float(alpha)))
+        self.block = block
+        self.temperature = temperature
+        self.rope_scaling = rope_scaling
+        # RoPE frequencies of the side heads: a subset of the backbone's (pruning.py picks which); saved.
+        self.register_buffer("inv_freq", torch.zeros(rope_pairs) if rope_pairs else None, persistent=True)
+
+    def gate(self) -> torch.Tensor:
+        return torch.sigmoid(self.alpha / self.temperature)
+
+    def forward(self, stream: torch.Tensor, backbone: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        mu = self.gate()
+        stream = mu * stream + (1 - mu) * self.down(backbone.to(self.down.weight.dtype))
+        if self.inv_freq is not None:
+            kwargs = dict(kwargs, position_embeddings=rotary(self.inv_freq, _positions(kwargs, stream),
+                                                             self.rope_scaling, stream.dtype))
+        out = self.block(stream, *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+class SideOutput(nn.Module):
+    """Final side norm and the upsample back to the backbone's width, merged with its last hidden state."""
+
+    def __init__(self, norm: Optional[nn.Module], d_side: int, d_backbone: int, merge: str):
+        super().__init__()
+        self.norm = norm
+        self.up = nn.Linear(d_side, d_backbone)
+        self.merge = merge
+
+    def forward(self, stream: torch.Tensor, backbone: torch.Tensor) -> torch.Tensor:
+        side = self.up(self.norm(stream) if self.norm is not None else stream)
+        out = backbone.to(side.dtype) + side if self.merge == "add" else side
+        return out.to(backbone.dtype)
+
+
+class LadderSide(nn.Module):
+    """The side network: the first downsample, one ``SideStep`` per chosen backbone layer, the output."""
+
+    def __init__(self, d_backbone: int, d_side: int, layer_ids: list[int], steps: list[SideStep],
+                 output: SideOutput, n_backbone_layers: int):
+        super().__init__()
+        self.first = nn.Linear(d_backbone, d_side)
+        self.steps = nn.ModuleList(steps)
+        self.output = output
+        self.layer_ids = list(layer_ids)
+        self.n_backbone_layers = n_backbone_layers
+        self.record: dict = {}  # how it was built and initialised (saved with it)
+        self._stream: Optional[torch.Tensor] = None
+        self._handles: list = []
+
+    # -- hooks on the backbone's layers ----------------------------------------------------------------
+    def _start(self, module, args, kwargs):
+        """Pre-hook of backbone layer 0: detach its input (nothing upstream may build a graph) and start
+        the side stream from it."""
+        hidden, args, kwargs = _hidden_of(args, kwargs)
+        hidden = hidden.detach()
+        self._stream = self.first(hidden.to(self.first.weight.dtype))
+        return _with_hidden(hidden, args, kwargs)
+
+    def _rung(self, index: Optional[int], last: bool):
+        def hook(module, args, kwargs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            if index is not None:
+                _, rest, kw = _hidden_of(args, kwargs)
+                _ensure_cache_layers(kw.get("past_key_values"), self.n_backbone_layers + len(self.steps))
+                self._stream = self.steps[index](self._stream, hidden, rest, kw)
+            if not last:
+                return None
+            merged = self.output(self._stream, hidden)
+            self._stream = None
+            return (merged, *output[1:]) if isinstance(output, tuple) else merged
+
+        return hook
+
+
+def attach(model, side: LadderSide, layers) -> None:
+    """Put ``side`` on ``model`` (as ``model.lst_side``) and hook it onto the backbone ``layers``."""
+    detach(model)
+    model.add_module("lst_side", side)
+    last = len(layers) - 1
+    side._handles.append(layers[0].register_forward_pre_hook(side._start, with_kwargs=True))
+    rungs = {layer: k for k, layer in enumerate(side.layer_ids)}
+    for i in sorted(set(rungs) | {last}):
+        side._handles.append(layers[i].register_forward_hook(side._rung(rungs.get(i), i == last), with_kwargs=True))
+
+
+def detach(model) -> Optional[LadderSide]:
+    """Remove the side network's hooks and the module; the backbone computes as before. Returns the side."""
+    side = side_of(model)
+    if side is None:
+        return None
+    for handle in side._handles:
+        handle.remove()
+    side._handles.clear()
+    del model.lst_side
+    return side
+
+
+def side_of(model) -> Optional[LadderSide]:
+    model = getattr(model, "module", model)  # DDP / DeepSpeed engine
+    return getattr(model, "lst_side", None)
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+def _hidden_of(args: tuple, kwargs: dict[str, Any]):
+    if args:
+        return args[0], args[1:], kwargs
+    kwargs = dict(kwargs)
+    return kwargs.pop("hidden_states"), (), kwargs
+
+
+def _with_hidden(hidden, args, kwargs):
+    if args or "hidden_states" not in kwargs:
+        return (hidden, *args), kwargs
+    return args, dict(kwargs, hidden_states=hidden)
+
+
+def _positions(kwargs: dict, stream: torch.Tensor) -> torch.Tensor:
+    positions = kwargs.get("position_ids")
+    if positions is None:
+        positions = kwargs.get("cache_position")  # transformers versions that pass this instead
+        positions = positions[None] if positions is not None else torch.arange(stream.shape[1], device=stream.device)[None]
+    return positions
+
+
+def _ensure_cache_layers(cache, n: int) -> None:
+    """Give a (config-sized) KV cache slots for the side layers, after the backbone's."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or len(layers) >= n or getattr(cache, "layer_class_to_replicate", None) is not None:
+        return
+    from transformers.cache_utils import DynamicLayer
+
+    if type(layers[0]).__name__ != "DynamicLayer":
+        raise NotImplementedError(f"lst: the side network needs a dynamic KV cache, not {type(layers[0]).__name__}")
+    while len(layers) < n:
+        layers.append(DynamicLayer())
