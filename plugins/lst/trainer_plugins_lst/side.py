@@ -122,6 +122,7 @@ class LadderSide(nn.Module):
 def attach(model, side: LadderSide, layers) -> None:
     """Put ``side`` on ``model`` (as ``model.lst_side``) and hook it onto the backbone ``layers``."""
     detach(model)
+    side.train(model.training)
     model.add_module("lst_side", side)
     last = len(layers) - 1
     side._handles.append(layers[0].register_forward_pre_hook(side._start, with_kwargs=True))
