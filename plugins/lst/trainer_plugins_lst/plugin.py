@@ -97,12 +97,7 @@ def validate(args, model_args, model_config):
 
     from . import families
 
-    if args.lst_init not in ("pruned", "random"):
-        raise ConfigError(f"lst_init must be 'pruned' or 'random', got {args.lst_init!r}")
-    if args.lst_importance not in ("magnitude", "fisher"):
-        raise ConfigError(f"lst_importance must be 'magnitude' or 'fisher', got {args.lst_importance!r}")
-    if args.lst_merge not in ("add", "none"):
-        raise ConfigError(f"lst_merge must be 'add' or 'none', got {args.lst_merge!r}")
+    # Literal flags (lst_init, lst_importance, lst_merge) are checked by the host when the arguments are parsed.
     if not args.lst_gate_temperature > 0:
         raise ConfigError(f"lst_gate_temperature must be > 0, got {args.lst_gate_temperature}")
     if args.lst_reduction_factor < 2:
@@ -113,8 +108,8 @@ def validate(args, model_args, model_config):
     if getattr(args, "gradient_checkpointing", False) or getattr(args, "activation_checkpointing", False):
         raise ConfigError("lst keeps no backbone activations, and the side network's are small: activation (gradient) "
                           "checkpointing would only re-run the frozen backbone. Set activation_checkpointing false")
-    if args.lst_side_dir and not (Path(args.lst_side_dir) / WEIGHTS_NAME).is_file():
-        raise ConfigError(f"lst_side_dir: no {WEIGHTS_NAME} in {args.lst_side_dir!r}")
+    if args.lst_side_dir:
+        _check_side_dir(args)
     fisher = args.lst_init == "pruned" and args.lst_importance == "fisher" and not args.lst_side_dir
     four_bit = getattr(model_args, "load_in_4bit", False)
     if fisher and four_bit:
@@ -136,6 +131,18 @@ def validate(args, model_args, model_config):
                                                                           model_config.num_hidden_layers))
     else:
         layer_ids(args.lst_layers, 10 ** 6)  # syntax only
+
+
+def _check_side_dir(args) -> None:
+    """A saved side network must have been built with the same structural flags."""
+    directory = Path(args.lst_side_dir)
+    if not (directory / WEIGHTS_NAME).is_file() or not (directory / CONFIG_NAME).is_file():
+        raise ConfigError(f"lst_side_dir: no {WEIGHTS_NAME} and {CONFIG_NAME} in {args.lst_side_dir!r}")
+    saved = json.loads((directory / CONFIG_NAME).read_text())["settings"]
+    flags = {"reduction": ("lst_reduction_factor", args.lst_reduction_factor), "merge": ("lst_merge", args.lst_merge)}
+    wrong = [f"{flag}={value!r} (saved: {saved[key]!r})" for key, (flag, value) in flags.items() if saved[key] != value]
+    if wrong:
+        raise ConfigError(f"lst_side_dir {args.lst_side_dir!r} holds a side network built otherwise: {', '.join(wrong)}")
 
 
 def settings_of(args, config):
@@ -322,11 +329,13 @@ def load_weights(model, directory) -> None:
     path = Path(directory)
     file = path / WEIGHTS_NAME if (path / WEIGHTS_NAME).is_file() else path / "model.safetensors"
     state = load_file(str(file))
-    expected = set(trained_state(model))
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
+    expected = {k: tuple(v.shape) for k, v in trained_state(model).items()}
+    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+    reshaped = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
+    if missing or unexpected or reshaped:
         raise ConfigError(f"lst: {file} does not fit this side network (missing {sorted(missing)[:5]}, unexpected "
-                          f"{sorted(unexpected)[:5]}): was it trained with other lst settings?")
+                          f"{sorted(unexpected)[:5]}, other shapes {reshaped[:5]}): was it trained with other lst "
+                          "settings?")
     model.load_state_dict(state, strict=False)
 
 
@@ -351,8 +360,8 @@ def load(model, side_dir, trainable: bool = False):
     attach(model, side, families.layers_of(model))
     side.record = {k: v for k, v in saved.items() if k not in ("format", "backbone")}
     load_weights(model, side_dir)
+    side.requires_grad_(trainable)
     if trainable:
-        side.requires_grad_(True)
         for name in saved.get("head_modules", []):
             model.get_submodule(name).requires_grad_(True)
     return model

@@ -1,0 +1,227 @@
+"""The lst plugin in the Trainer: only the side network trains and is saved (alone), the saved side reloads onto
+a fresh backbone, resume equals the uninterrupted run (gates included), BERT classifiers train a new head, a
+4-bit backbone and Fisher importance through recipes, refusals before loading, ZeRO-2/3 with 2 processes."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, GPT2Config, LlamaForCausalLM
+
+from trainer_plugins import ConfigError, PluginTrainer, PluginTrainingArguments
+from trainer_plugins.models import tiny_llama_config
+from trainer_plugins.recipes import load_recipe, run_recipe
+from trainer_plugins_lst import load, side_of
+from trainer_plugins_lst.plugin import CONFIG_NAME, WEIGHTS_NAME
+from helpers import ROOT, losses, torchrun
+
+SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+COMMON = dict(per_device_train_batch_size=4, logging_steps=1, report_to=[], use_cpu=True, seed=0, learning_rate=1e-2,
+              save_strategy="no", disable_tqdm=True, max_steps=8)
+LST = dict(lst=True, lst_reduction_factor=4)
+IDS = torch.tensor([[(7 * k) % 1000 for k in range(24)]])
+
+
+def cycles():
+    """Runs through 16 of the 1000 token ids: what a d/r-wide side path on a random tiny backbone can learn in a
+    few steps (helpers.counting_dataset needs a map over all 1000 ids, beyond a 16-wide bottleneck)."""
+    return [{"input_ids": [(s + k) % 16 for k in range(32)], "labels": [(s + k) % 16 for k in range(32)]}
+            for s in range(64)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny GQA Llama (4 layers, 4 heads on 2 KV heads, vocab 1000) saved with save_pretrained."""
+    out = tmp_path_factory.mktemp("lst-tiny")
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(**SHAPE)).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def recipe_model_dir(tmp_path_factory, tokenizer_dir):
+    out = tmp_path_factory.mktemp("lst-tiny-tok")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(**SHAPE, vocab_size=len(tok))).save_pretrained(out)
+    for f in os.listdir(tokenizer_dir):
+        shutil.copy(os.path.join(tokenizer_dir, f), out)
+    return str(out)
+
+
+def trainer_for(model_dir, out, **kw):
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    args = PluginTrainingArguments(output_dir=str(out), **{**COMMON, **LST, **kw})
+    return PluginTrainer(model=model, args=args, train_dataset=cycles())
+
+
+def logits(model, ids=IDS):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_only_the_side_network_trains_and_is_saved_alone_and_reloads(model_dir, tmp_path):
+    untouched = logits(LlamaForCausalLM.from_pretrained(model_dir))
+    trainer = trainer_for(model_dir, tmp_path, max_steps=16)
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("lst_side.") for n in trainable)
+    torch.testing.assert_close(logits(trainer.model), untouched, rtol=0, atol=0)  # starts as the backbone
+    trainer.train()
+    history = losses(trainer)
+    assert sum(history[-4:]) < sum(history[:4]) - 0.4  # it learns
+    gates = [h for h in trainer.state.log_history if "lst/gate_mean" in h]
+    assert gates and 0 < gates[-1]["lst/gate_min"] <= gates[-1]["lst/gate_max"] < 1
+    trainer.save_model()
+    files = set(os.listdir(tmp_path))
+    assert {WEIGHTS_NAME, CONFIG_NAME} <= files and "model.safetensors" not in files
+    saved = load_file(str(tmp_path / WEIGHTS_NAME))
+    assert set(saved) == {n for n, _ in trainer.model.state_dict().items() if n.startswith("lst_side.")}
+    assert sum(t.numel() for t in saved.values()) < 0.1 * sum(p.numel() for p in trainer.model.parameters())
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert config["settings"]["reduction"] == 4 and config["init"] == "pruned" and config["backbone"]["hidden_size"] == 64
+    trained = logits(trainer.model)
+    assert (trained - untouched).abs().max() > 1e-3
+    reloaded = load(LlamaForCausalLM.from_pretrained(model_dir), tmp_path)
+    torch.testing.assert_close(logits(reloaded), trained, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in reloaded.parameters())
+    with pytest.raises(ConfigError, match="was trained on a llama with hidden 64"):
+        load(LlamaForCausalLM(tiny_llama_config(**{**SHAPE, "hidden_size": 32})), tmp_path)
+
+
+def test_resume_equals_the_uninterrupted_run(model_dir, tmp_path):
+    full = trainer_for(model_dir, tmp_path / "a", lst_layers="every:2")
+    full.train()
+    cut = trainer_for(model_dir, tmp_path / "b", lst_layers="every:2", save_strategy="steps", save_steps=4)
+    cut.train()
+    checkpoint = tmp_path / "b" / "checkpoint-4"
+    assert set(load_file(str(checkpoint / "model.safetensors"))) == {
+        n for n in cut.model.state_dict() if n.startswith("lst_side.")}  # side only, not the backbone
+    resumed = trainer_for(model_dir, tmp_path / "b", lst_layers="every:2", save_strategy="steps", save_steps=4)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert losses(resumed)[-4:] == pytest.approx(losses(full)[-4:], abs=1e-6)
+    a, b = dict(side_of(full.model).named_parameters()), dict(side_of(resumed.model).named_parameters())
+    assert a.keys() == b.keys() and "steps.0.alpha" in a and len(side_of(full.model).steps) == 2
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+
+
+def test_continue_from_a_saved_side_network(model_dir, tmp_path):
+    first = trainer_for(model_dir, tmp_path / "first")
+    first.train()
+    first.save_model()
+    again = trainer_for(model_dir, tmp_path / "again", lst_side_dir=str(tmp_path / "first"), max_steps=1)
+    torch.testing.assert_close(logits(again.model), logits(first.model), rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="built otherwise: lst_reduction_factor=2 \\(saved: 4\\)"):
+        trainer_for(model_dir, tmp_path / "other", lst_side_dir=str(tmp_path / "first"), lst_reduction_factor=2)
+    with pytest.raises(ConfigError, match="does not fit this side network"):  # other layers: caught at loading
+        trainer_for(model_dir, tmp_path / "other", lst_side_dir=str(tmp_path / "first"), lst_layers="1,2")
+
+
+def test_bert_classifier_trains_side_and_new_head(tmp_path):
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                        num_attention_heads=4, num_labels=2)
+    base = tmp_path / "bert"
+    BertForSequenceClassification(config).save_pretrained(base)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(64):  # label: does token 7 occur
+        ids = torch.randint(10, 100, (12,), generator=g)
+        label = int(torch.rand(1, generator=g) < 0.5)
+        if label:
+            ids[torch.randint(1, 12, (1,), generator=g)] = 7
+        rows.append({"input_ids": [2, *ids.tolist()], "labels": label})
+    args = PluginTrainingArguments(output_dir=str(tmp_path / "out"), **{**COMMON, **LST, "max_steps": 24})
+    trainer = PluginTrainer(model=BertForSequenceClassification.from_pretrained(base), args=args, train_dataset=rows)
+    trainable = {n.split(".")[0] for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable == {"lst_side", "classifier"}  # the pooler is pretrained and stays frozen
+    trainer.train()
+    history = losses(trainer)
+    assert sum(history[-4:]) < sum(history[:4])
+    trainer.save_model()
+    saved = load_file(str(tmp_path / "out" / WEIGHTS_NAME))
+    assert {"classifier.weight", "classifier.bias"} <= set(saved)
+    ids = torch.tensor([[2, 15, 7, 33, 40]])
+    reloaded = load(BertForSequenceClassification.from_pretrained(base), tmp_path / "out")
+    torch.testing.assert_close(logits(reloaded, ids), logits(trainer.model, ids), rtol=0, atol=0)
+
+
+def recipe(model_dir, out, model=None, **train):
+    return {
+        "model": {"model_name_or_path": str(model_dir), "dtype": "float32", **(model or {})},
+        "data": {"dataset": "stdlib", "max_seq_length": 64, "max_train_samples": 16, "max_eval_samples": 4},
+        "train": {"output_dir": str(out), "max_steps": 4, "per_device_train_batch_size": 2, "logging_steps": 1,
+                  "report_to": [], "use_cpu": True, "save_strategy": "no", **LST, **train},
+    }
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"lst_reduction_factor": 5}, "lst_reduction_factor=5 does not divide"),
+    ({"lst_reduction_factor": 1}, "must be >= 2"),
+    ({"lst_layers": "2,9"}, "layers [9] do not exist"),
+    ({"lst_layers": "every:0"}, "every:K"),
+    ({"lst_init": "kaiming"}, "'lst_init': must be one of ['pruned', 'random']"),
+    ({"lst_merge": "concat"}, "'lst_merge': must be one of ['add', 'none']"),
+    ({"lst_gate_temperature": 0.0}, "lst_gate_temperature must be > 0"),
+    ({"gradient_checkpointing": True}, "keeps no backbone activations"),
+    ({"lst_side_dir": "/nonexistent"}, "no lst_side.safetensors and lst_config.json"),
+    ({"meft": "meft1"}, "meft"),
+])
+def test_bad_flags_are_refused_before_loading(model_dir, tmp_path, flags, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_recipe(recipe(model_dir, tmp_path, **flags))
+
+
+def test_refusals_that_need_the_model_config_or_setup(model_dir, tmp_path, deepspeed_env):
+    gpt2 = tmp_path / "gpt2"
+    GPT2Config(n_layer=2, n_embd=32, n_head=2).save_pretrained(gpt2)
+    with pytest.raises(ConfigError, match="lst supports the model types"):
+        load_recipe(recipe(str(gpt2), tmp_path))
+    with pytest.raises(ConfigError, match="fisher needs gradients of whole weights"):
+        load_recipe(recipe(model_dir, tmp_path, model={"load_in_4bit": True}, lst_importance="fisher"))
+    zero3 = str(ROOT / "recipes" / "deepspeed" / "zero3.json")
+    with pytest.raises(ConfigError, match="fisher runs a backward pass"):
+        load_recipe(recipe(model_dir, tmp_path, lst_importance="fisher", deepspeed=zero3))
+    with pytest.raises(ConfigError, match="4-bit backbone under DeepSpeed"):
+        load_recipe(recipe(model_dir, tmp_path, model={"load_in_4bit": True}, deepspeed=zero3))
+    bert = tmp_path / "bert"
+    BertConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4).save_pretrained(bert)
+    with pytest.raises(ConfigError, match="for encoders use lst_importance=magnitude"):
+        load_recipe(recipe(str(bert), tmp_path, lst_importance="fisher"))
+
+
+def test_recipe_with_a_4bit_backbone_and_fisher_importance(recipe_model_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    four_bit = run_recipe(load_recipe(recipe(recipe_model_dir, tmp_path / "q", model={"load_in_4bit": True})))
+    assert four_bit["after"]["eval_loss"] < 20
+    saved = load_file(str(tmp_path / "q" / WEIGHTS_NAME))
+    assert saved and all(k.startswith("lst_side.") for k in saved)
+    fisher = run_recipe(load_recipe(recipe(recipe_model_dir, tmp_path / "f", lst_importance="fisher",
+                                           lst_calibration_samples=4, lst_calibration_seq_length=32)))
+    config = json.loads((tmp_path / "f" / CONFIG_NAME).read_text())
+    assert config["importance"] == "fisher" and fisher["train"]["steps"] == 4
+    magnitude = run_recipe(load_recipe(recipe(recipe_model_dir, tmp_path / "m")))
+    a, b = load_file(str(tmp_path / "f" / WEIGHTS_NAME)), load_file(str(tmp_path / "m" / WEIGHTS_NAME))
+    assert any(not torch.equal(a[k], b[k]) for k in a if "block" in k)  # the Fisher scores chose other units
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["ddp", 2, 3])
+def test_two_processes_equal_one_process_and_save_the_side_network(model_dir, stage, tmp_path):
+    plain = trainer_for(model_dir, tmp_path / "plain")
+    plain.train()
+    plain.save_model()
+    out = tmp_path / "dist"
+    run = torchrun(ROOT / "tests" / "plugins" / "lst_zero_worker.py", [stage, out, model_dir])
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads((out / "record.json").read_text())
+    assert record["losses"] == pytest.approx(losses(plain), rel=1e-5)
+    ours, reference = load_file(str(out / WEIGHTS_NAME)), load_file(str(tmp_path / "plain" / WEIGHTS_NAME))
+    assert ours.keys() == reference.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], reference[key], rtol=1e-4, atol=1e-5)
