@@ -30,6 +30,10 @@ def main(stage: str, out: str, model_dir: str):
         ds = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_clipping": "auto",
               "zero_optimization": {"stage": int(stage), "stage3_gather_16bit_weights_on_model_save": True}}
     args = PluginTrainingArguments(output_dir=out, deepspeed=ds, **{**COMMON, **LST, "per_device_train_batch_size": 2})
+    if stage == "3":
+        from trainer_plugins.models import _init_deepspeed_comm
+
+        _init_deepspeed_comm()  # what the recipe loader does: zero.Init must see both processes
     model = LlamaForCausalLM.from_pretrained(model_dir)
     if stage == "3":
         assert all(hasattr(p, "ds_id") for p in model.parameters()), "expected a model partitioned while loading"

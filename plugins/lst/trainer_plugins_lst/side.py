@@ -44,7 +44,7 @@ class SideStep(nn.Module):
                  temperature: float, alpha: float):
         super().__init__()
         self.down = nn.Linear(d_backbone, d_side)
-        self.alpha = nn.Parameter(torch.tensor(float(alpha)))
+        self.alpha = nn.Parameter(torch.full((1,), float(alpha)))  # 1-d: DeepSpeed cannot broadcast 0-d tensors
         self.block = block
         self.temperature = temperature
         self.rope_scaling = rope_scaling
