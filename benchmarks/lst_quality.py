@@ -1,0 +1,77 @@
+"""LST quality on CPU (offline): SmolLM2-135M-Instruct, Python stdlib, equal steps and data for every run.
+
+Eval loss / perplexity on held-out stdlib modules of
+  - the untouched model (every LST run's eval before training: merge=add starts as the backbone)
+  - LoRA r8 on all projections (peft, through loram with nothing pruned: the same code as plain LoRA)
+  - LST r8, side layers pruned from the backbone (recipes/smollm2-135m/lst.yaml)
+and the ablations: random side init (QST), r = 16, and merge=none (the paper's output: the side network alone).
+Trainable parameter counts come from each run's memory report.
+
+    python benchmarks/lst_quality.py [--steps N] [--skip-train] [--out benchmarks/results/lst_quality_cpu.json]
+"""
+
+import argparse
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LST = "recipes/smollm2-135m/lst.yaml"
+LORA = "recipes/smollm2-135m/loram.yaml"
+RUNS = {
+    "lora_r8": [LORA, "--loram_ratio", "0", "--loram_importance", "magnitude", "--loram_merge", "false",
+                "--output_dir", "outputs/smollm2-135m-lora-r8"],
+    "lst_r8_pruned": [LST, "--output_dir", "outputs/smollm2-135m-lst"],
+    "lst_r8_random": [LST, "--lst_init", "random", "--output_dir", "outputs/smollm2-135m-lst-random"],
+    "lst_r16_pruned": [LST, "--lst_reduction_factor", "16", "--output_dir", "outputs/smollm2-135m-lst-r16"],
+    "lst_r8_pruned_merge_none": [LST, "--lst_merge", "none", "--output_dir", "outputs/smollm2-135m-lst-none"],
+}
+
+
+def point(loss):
+    return {"eval_loss": round(loss, 4), "perplexity": round(math.exp(loss), 3)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-train", action="store_true", help="only read the outputs of earlier runs")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lst_quality_cpu.json"))
+    parser.add_argument("--steps", type=int, help="max_steps of every run (default: the recipes' 60)")
+    parser.add_argument("--only", nargs="*", help="run only these (the others are read from earlier outputs)")
+    ns = parser.parse_args()
+    result = {"device": f"CPU ({platform.processor() or platform.machine()})", "date": time.strftime("%Y-%m-%d"),
+              "commands": {}, "runs": {}}
+    for name, argv in RUNS.items():
+        argv = argv + (["--max_steps", str(ns.steps)] if ns.steps else [])
+        result["commands"][name] = "trainer-plugins train " + " ".join(argv)
+        if not ns.skip_train and (not ns.only or name in ns.only):
+            subprocess.run([sys.executable, "-m", "trainer_plugins", "train", *argv], cwd=ROOT, check=True)
+        out = ROOT / argv[argv.index("--output_dir") + 1]
+        run = json.loads((out / "results.json").read_text())
+        result["runs"][name] = {
+            "before": run["before"], "after": run["after"], "train": run["train"],
+            "trainable_parameters": (run.get("memory") or {}).get("trainable_parameters"),
+            "sample_after": run.get("sample_after"),
+        }
+    runs = result["runs"]
+    table = {"untouched": point(runs["lst_r8_pruned"]["before"]["eval_loss"])}
+    for name, run in runs.items():
+        table[name] = {**point(run["after"]["eval_loss"]), "trainable": run["trainable_parameters"],
+                       "train_seconds": run["train"]["seconds"]}
+    result["table"] = table
+    lora, lst = table["lora_r8"]["eval_loss"], table["lst_r8_pruned"]["eval_loss"]
+    result["summary"] = {
+        "lst_vs_lora_eval_loss": round(lst / lora, 4),
+        "lst_improves_on_untouched": lst < table["untouched"]["eval_loss"],
+        "pruned_init_beats_random": lst < table["lst_r8_random"]["eval_loss"],
+    }
+    print(json.dumps({"table": table, "summary": result["summary"]}, indent=2))
+    Path(ns.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
