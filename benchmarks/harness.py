@@ -15,6 +15,11 @@ LoRAM's GPU case (issue 5), bf16, 7B and 13B shapes:
 
     python benchmarks/harness.py --shape 7b --methods lora qlora-peft loram-50 loram-65 qloram-65 \
         --out benchmarks/results/loram-7b-h100.json
+
+LST's GPU case (issue 6), against full fine-tuning (AdamW), LoRA r16 and QLoRA r16, 1B and 7B shapes:
+
+    python benchmarks/harness.py --shape 7b --methods adamw lora-r16 qlora-r16-peft lst lst-4bit \
+        --out benchmarks/results/lst-7b-h100.json
 """
 
 from __future__ import annotations
@@ -91,7 +96,7 @@ def _nf4(model):
     return model
 
 
-def _lora(prune_ratio=0.0, four_bit=False, peft_kbit=False):
+def _lora(prune_ratio=0.0, four_bit=False, peft_kbit=False, rank=8):
     """LoRA r8 on the 7 projections, after optional LoRAM pruning (random structured scores: memory and speed
     do not depend on which units go) and NF4 quantisation. peft_kbit: peft's standard QLoRA preparation
     (prepare_model_for_kbit_training: float32 non-quantised weights, gradient checkpointing), the baseline."""
@@ -108,7 +113,7 @@ def _lora(prune_ratio=0.0, four_bit=False, peft_kbit=False):
             _nf4(model)
         if peft_kbit:
             model = prepare_model_for_kbit_training(model)
-        config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, task_type="CAUSAL_LM",
                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
         model = get_peft_model(model, config)
         if four_bit:
@@ -120,8 +125,33 @@ def _lora(prune_ratio=0.0, four_bit=False, peft_kbit=False):
     return prepare
 
 
+def _lst(reduction=8, four_bit=False):
+    """Ladder Side-Tuning: frozen (optionally NF4) backbone, float32 side network of width d/r on every layer
+    (random init: memory and speed do not depend on the values)."""
+
+    def prepare(model):
+        from trainer_plugins_lst import attach
+        from trainer_plugins_lst.families import layers_of
+        from trainer_plugins_lst.pruning import SideSettings, build, init_random
+
+        if four_bit:
+            _nf4(model)
+        model.requires_grad_(False)
+        side = build(model, SideSettings(reduction=reduction, layer_ids=list(range(model.config.num_hidden_layers))))
+        side.to(model.get_input_embeddings().weight.device)
+        init_random(model, side)
+        attach(model, side, layers_of(model))
+        return model
+
+    return prepare
+
+
 # name -> model transformation before the optimizer is built (default: none)
 PREPARE = {
+    "lora-r16": _lora(rank=16),
+    "qlora-r16-peft": _lora(four_bit=True, peft_kbit=True, rank=16),
+    "lst": _lst(),
+    "lst-4bit": _lst(four_bit=True),
     "lora": _lora(),
     "qlora-peft": _lora(four_bit=True, peft_kbit=True),
     "loram-50": _lora(prune_ratio=0.5),
