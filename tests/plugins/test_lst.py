@@ -188,6 +188,12 @@ def test_refusals_that_need_the_model_config_or_setup(model_dir, tmp_path, deeps
         load_recipe(recipe(model_dir, tmp_path, lst_importance="fisher", deepspeed=zero3))
     with pytest.raises(ConfigError, match="4-bit backbone under DeepSpeed"):
         load_recipe(recipe(model_dir, tmp_path, model={"load_in_4bit": True}, deepspeed=zero3))
+    no_gather = tmp_path / "zero3-no-gather.json"
+    config = json.loads(open(zero3).read())
+    config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+    no_gather.write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="stage3_gather_16bit_weights_on_model_save true"):
+        load_recipe(recipe(model_dir, tmp_path, deepspeed=str(no_gather)))
     bert = tmp_path / "bert"
     BertConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                num_attention_heads=4).save_pretrained(bert)

@@ -119,6 +119,10 @@ def validate(args, model_args, model_config):
     if fisher and stage == 3:
         raise ConfigError("lst_importance=fisher runs a backward pass through the whole backbone before training, "
                           "which ZeRO-3's partitioned weights do not allow: use lst_importance=magnitude")
+    if stage == 3 and not _gathers_on_save(args):
+        raise ConfigError("lst under ZeRO-3 saves the side network from the gathered weights: set "
+                          "zero_optimization.stage3_gather_16bit_weights_on_model_save true in the DeepSpeed config "
+                          "(recipes/deepspeed/zero3.json does)")
     if four_bit and stage is not None:
         raise ConfigError("lst: a 4-bit backbone under DeepSpeed is not tested; use DDP (torchrun without "
                           "deepspeed) with the 4-bit backbone, or ZeRO-2/3 with a 16-bit one")
@@ -131,6 +135,18 @@ def validate(args, model_args, model_config):
                                                                           model_config.num_hidden_layers))
     else:
         layer_ids(args.lst_layers, 10 ** 6)  # syntax only
+
+
+def _gathers_on_save(args) -> bool:
+    config = getattr(args, "deepspeed", None)
+    if isinstance(config, str):
+        with open(config) as f:  # deepspeed_stage() has read it already: it exists and is JSON
+            config = json.load(f)
+    if not isinstance(config, dict):
+        return True  # an accelerate launch: the config is not ours to read here
+    zero = config.get("zero_optimization", {})
+    return bool(zero.get("stage3_gather_16bit_weights_on_model_save",
+                         zero.get("stage3_gather_fp16_weights_on_model_save", False)))
 
 
 def _check_side_dir(args) -> None:
