@@ -116,6 +116,10 @@ def validate(args, model_args, model_config):
         raise ConfigError("lst_importance=fisher needs gradients of whole weights, which a 4-bit backbone does not "
                           "have: use lst_importance=magnitude (dequantised weights) or lst_init=random (QST)")
     stage = deepspeed_stage(args)
+    if _data_parallel(args):
+        raise ConfigError("lst: this process sees several GPUs, so the Trainer would use torch.nn.DataParallel, whose "
+                          "replicas share the side network's per-forward state. Launch one process per GPU "
+                          "(torchrun / accelerate launch) or set CUDA_VISIBLE_DEVICES to one GPU")
     if fisher and stage == 3:
         raise ConfigError("lst_importance=fisher runs a backward pass through the whole backbone before training, "
                           "which ZeRO-3's partitioned weights do not allow: use lst_importance=magnitude")
@@ -135,6 +139,13 @@ def validate(args, model_args, model_config):
                                                                           model_config.num_hidden_layers))
     else:
         layer_ids(args.lst_layers, 10 ** 6)  # syntax only
+
+
+def _data_parallel(args) -> bool:
+    import torch
+
+    return (not getattr(args, "use_cpu", False) and torch.cuda.is_available() and torch.cuda.device_count() > 1
+            and int(os.environ.get("WORLD_SIZE", "1")) == 1 and "LOCAL_RANK" not in os.environ)
 
 
 def _gathers_on_save(args) -> bool:
