@@ -198,6 +198,10 @@ def _fisher_selection(model, args, tokenizer):
 
     from .pruning import fisher, importance_names, select
 
+    import torch
+
+    if torch.cuda.is_available():  # the backward passes run where training will (the Trainer keeps it there)
+        model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
     settings = settings_of(args, model.config)
     batches = calibration_batches(args.lst_calibration_dataset, args.lst_calibration_samples,
                                   args.lst_calibration_seq_length, tokenizer, seed=args.seed)
