@@ -103,17 +103,6 @@ def install_plugin(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer_dir):
     """A tiny random Llama saved with save_pretrained, with the real SmolLM2 tokenizer beside it."""
-    import shutil
+    from helpers import save_tiny_llama
 
-    import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    from trainer_plugins.models import tiny_llama_config
-
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    LlamaForCausalLM(tiny_llama_config(vocab_size=len(tok))).save_pretrained(out)
-    for f in os.listdir(tokenizer_dir):
-        shutil.copy(os.path.join(tokenizer_dir, f), out)
-    return str(out)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir)

@@ -20,6 +20,26 @@ def counting_dataset():
             for s in range(64)]
 
 
+def save_tiny_llama(out, tokenizer_dir=None, **shape) -> str:
+    """A tiny random Llama (tiny_llama_config(**shape), seed 0) saved in ``out``; with ``tokenizer_dir``, sized to
+    that tokenizer's vocabulary and with the tokenizer copied beside it (recipes need both)."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from trainer_plugins.models import tiny_llama_config
+
+    if tokenizer_dir is not None:
+        shape["vocab_size"] = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(**shape)).save_pretrained(out)
+    if tokenizer_dir is not None:
+        for f in os.listdir(tokenizer_dir):
+            shutil.copy(os.path.join(tokenizer_dir, f), out)
+    return str(out)
+
+
 def free_port() -> int:
     """A port nothing listens on now: another test run on this machine may hold any fixed one."""
     with socket.socket() as s:

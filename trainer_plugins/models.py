@@ -203,6 +203,18 @@ def load_tokenizer(model_args: ModelArguments):
     return tokenizer
 
 
+def tokenizer_of(model, needed_for: str):
+    """The tokenizer saved with a model built in Python (its ``name_or_path``), for plugins that need text
+    before training; ``needed_for`` completes the error: "<flag> needs calibration text, but ...". """
+    from transformers import AutoTokenizer
+
+    name = getattr(model, "name_or_path", None)
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as exc:
+        raise ConfigError(f"{needed_for}, but no tokenizer is found for this model ({name!r})") from exc
+
+
 def quantization_config(model_args: ModelArguments, zero3: bool = False):
     from transformers import BitsAndBytesConfig
 

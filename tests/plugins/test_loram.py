@@ -2,22 +2,20 @@
 and loading a pruned model, QLoRAM (4-bit), refusals before loading, ZeRO-2/3 with 2 processes."""
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaForCausalLM
 
 from trainer_plugins import ConfigError, PluginTrainer, PluginTrainingArguments
 from trainer_plugins.models import tiny_llama_config
 from trainer_plugins.recipes import load_recipe, run_recipe
 from trainer_plugins_loram.pruning import INDEX_FILE, PruningPlan
 from trainer_plugins_loram.storage import load_pruned_model
-from helpers import ROOT, counting_dataset, losses, torchrun, torchrun_cli, zero_recipe
+from helpers import ROOT, counting_dataset, losses, save_tiny_llama, torchrun, torchrun_cli, zero_recipe
 
 SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
 COMMON = dict(per_device_train_batch_size=4, logging_steps=1, report_to=[], use_cpu=True, seed=0, learning_rate=1e-2,
@@ -29,22 +27,13 @@ LORAM = dict(loram="lora", loram_importance="magnitude", loram_keep_first_layers
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny GQA Llama (4 layers, 8 heads on 4 KV heads, vocab 1000) saved with save_pretrained."""
-    out = tmp_path_factory.mktemp("loram-tiny")
-    torch.manual_seed(0)
-    LlamaForCausalLM(tiny_llama_config(**SHAPE)).save_pretrained(out)
-    return str(out)
+    return save_tiny_llama(tmp_path_factory.mktemp("loram-tiny"), **SHAPE)
 
 
 @pytest.fixture(scope="module")
 def recipe_model_dir(tmp_path_factory, tokenizer_dir):
     """The same shape with SmolLM2's tokenizer beside it, for recipes on the stdlib corpus."""
-    out = tmp_path_factory.mktemp("loram-tiny-tok")
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    LlamaForCausalLM(tiny_llama_config(**SHAPE, vocab_size=len(tok))).save_pretrained(out)
-    for f in os.listdir(tokenizer_dir):
-        shutil.copy(os.path.join(tokenizer_dir, f), out)
-    return str(out)
+    return save_tiny_llama(tmp_path_factory.mktemp("loram-tiny-tok"), tokenizer_dir, **SHAPE)
 
 
 def trainer_for(model_dir, out, **kw):

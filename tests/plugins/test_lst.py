@@ -4,19 +4,18 @@ a fresh backbone, resume equals the uninterrupted run (gates included), BERT cla
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, GPT2Config, LlamaForCausalLM
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, LlamaForCausalLM
 
 from trainer_plugins import ConfigError, PluginTrainer, PluginTrainingArguments
 from trainer_plugins.models import tiny_llama_config
 from trainer_plugins.recipes import load_recipe, run_recipe
 from trainer_plugins_lst import load, side_of
 from trainer_plugins_lst.plugin import CONFIG_NAME, WEIGHTS_NAME
-from helpers import ROOT, losses, torchrun
+from helpers import ROOT, losses, save_tiny_llama, torchrun
 
 SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
 COMMON = dict(per_device_train_batch_size=4, logging_steps=1, report_to=[], use_cpu=True, seed=0, learning_rate=1e-2,
@@ -35,21 +34,13 @@ def cycles():
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny GQA Llama (4 layers, 4 heads on 2 KV heads, vocab 1000) saved with save_pretrained."""
-    out = tmp_path_factory.mktemp("lst-tiny")
-    torch.manual_seed(0)
-    LlamaForCausalLM(tiny_llama_config(**SHAPE)).save_pretrained(out)
-    return str(out)
+    return save_tiny_llama(tmp_path_factory.mktemp("lst-tiny"), **SHAPE)
 
 
 @pytest.fixture(scope="module")
 def recipe_model_dir(tmp_path_factory, tokenizer_dir):
-    out = tmp_path_factory.mktemp("lst-tiny-tok")
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    LlamaForCausalLM(tiny_llama_config(**SHAPE, vocab_size=len(tok))).save_pretrained(out)
-    for f in os.listdir(tokenizer_dir):
-        shutil.copy(os.path.join(tokenizer_dir, f), out)
-    return str(out)
+    """The same shape with SmolLM2's tokenizer beside it, for recipes on the stdlib corpus."""
+    return save_tiny_llama(tmp_path_factory.mktemp("lst-tiny-tok"), tokenizer_dir, **SHAPE)
 
 
 def trainer_for(model_dir, out, **kw):

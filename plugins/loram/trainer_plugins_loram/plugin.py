@@ -365,7 +365,10 @@ def prepare_model(model, args):
                               "loading: load it through trainer-plugins (a recipe), or build it before the "
                               "TrainingArguments")
         # validate() has checked the architecture against model.config already (the host runs it first).
-        state = prune(model, args, lambda: _tokenizer_of(model), getattr(model, "name_or_path", None) or None)
+        from trainer_plugins.models import tokenizer_of
+
+        why = "loram_importance needs calibration text (load the model through a recipe, or use magnitude or random)"
+        state = prune(model, args, lambda: tokenizer_of(model, why), getattr(model, "name_or_path", None) or None)
         state.dtype = next(model.parameters()).dtype
     if args.loram_merge and not state.original:
         raise ConfigError("loram_merge: the original model's location is unknown (a model built in Python without "
@@ -390,18 +393,6 @@ def prepare_model(model, args):
 
         trainable_in_float32(peft_model)
     return peft_model
-
-
-def _tokenizer_of(model):
-    from transformers import AutoTokenizer
-
-    name = getattr(model, "name_or_path", None)
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except Exception as exc:
-        raise ConfigError(f"loram_importance needs calibration text, but no tokenizer is found for this model "
-                          f"({name!r}): load the model through a recipe, or use loram_importance magnitude or "
-                          "random") from exc
 
 
 # -- saving ---------------------------------------------------------------------------------------------

@@ -231,7 +231,11 @@ def prepare_model(model, args):
         else:
             selection = getattr(model, "_lst_selection", None)
             if selection is None and args.lst_importance == "fisher":
-                selection = _fisher_selection(model, args, _tokenizer_of(model))
+                from trainer_plugins.models import tokenizer_of
+
+                selection = _fisher_selection(model, args, tokenizer_of(
+                    model, "lst_importance=fisher needs calibration text (load the model through a recipe, or use "
+                           "lst_importance=magnitude)"))
             init_pruned(model, side, selection or select(model, settings, magnitude))
     model.__dict__.pop("_lst_selection", None)
     attach(model, side, families.layers_of(model))
@@ -269,17 +273,6 @@ def head_modules(model, spec: str) -> list[str]:
     base = model.base_model
     return [name for name, module in model.named_children()
             if module is not base and any(True for _ in module.parameters())]
-
-
-def _tokenizer_of(model):
-    from transformers import AutoTokenizer
-
-    name = getattr(model, "name_or_path", None)
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except Exception as exc:
-        raise ConfigError(f"lst_importance=fisher needs calibration text, but no tokenizer is found for this model "
-                          f"({name!r}): load the model through a recipe, or use lst_importance=magnitude") from exc
 
 
 class _PartialCheckpointFilter(logging.Filter):
