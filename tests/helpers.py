@@ -40,6 +40,17 @@ def save_tiny_llama(out, tokenizer_dir=None, **shape) -> str:
     return str(out)
 
 
+def end_distributed() -> None:
+    """End a torchrun worker's process group before the interpreter exits: left to teardown, gloo's threads
+    are sometimes destroyed still running and the process aborts ("terminate called without an active
+    exception") after its work is done, failing the run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def free_port() -> int:
     """A port nothing listens on now: another test run on this machine may hold any fixed one."""
     with socket.socket() as s:
