@@ -108,7 +108,7 @@ class LadderSide(nn.Module):
             hidden = output[0] if isinstance(output, tuple) else output
             if index is not None:
                 _, rest, kw = _hidden_of(args, kwargs)
-                _ensure_cache_layers(kw.get("past_key_values"), self.n_backbone_layers + len(self.steps))
+                _ensure_cache_layers(_cache_of(kw), self.n_backbone_layers + len(self.steps))
                 self._stream = self.steps[index](self._stream, hidden, rest, kw)
             if not last:
                 return None
@@ -168,6 +168,12 @@ def _positions(kwargs: dict, stream: torch.Tensor) -> torch.Tensor:
         positions = kwargs.get("cache_position")  # transformers versions that pass this instead
         positions = positions[None] if positions is not None else torch.arange(stream.shape[1], device=stream.device)[None]
     return positions
+
+
+def _cache_of(kwargs: dict):
+    """The KV cache a layer was given: ``cache`` from transformers 5.24, ``past_key_values`` before."""
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache
 
 
 def _ensure_cache_layers(cache, n: int) -> None:
