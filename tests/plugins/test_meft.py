@@ -169,5 +169,5 @@ def test_unsupported_architecture(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
-    with pytest.raises(PluginConfigError, match="model types"):
+    with pytest.raises(PluginConfigError, match="supports the pre-norm decoders .* post-norm encoders"):
         PluginTrainer(model=model, args=PluginTrainingArguments(output_dir=str(tmp_path), meft="meft1"))

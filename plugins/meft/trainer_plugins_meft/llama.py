@@ -22,33 +22,12 @@ which is why the coupling here moves the residual out of F.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from .adapter import attach_adapters
+from .reversible import MeftSettings  # noqa: F401 (re-exported: the settings of convert)
+
 SUPPORTED = ("llama", "qwen2", "mistral")
-
-
-class RevAdapter(torch.nn.Module):
-    """A_n: d -> r -> d bottleneck; the up-projection starts at zero, so G starts as the identity."""
-
-    def __init__(self, hidden: int, dim: int, dtype=None):
-        super().__init__()
-        self.down = torch.nn.Linear(hidden, dim, bias=False, dtype=dtype)
-        self.up = torch.nn.Linear(dim, hidden, bias=False, dtype=dtype)
-        torch.nn.init.normal_(self.down.weight, std=0.02)
-        torch.nn.init.zeros_(self.up.weight)
-
-    def forward(self, x):
-        return self.up(torch.nn.functional.silu(self.down(x)))
-
-
-@dataclass
-class MeftSettings:
-    gamma: float = 0.03125
-    reversible_layers: int | None = None  # the bottom k layers; None: all
-    segment: int | None = 4  # layers per stored segment; None: one segment
-    stream_dtype: torch.dtype | None = torch.float64  # None: the model's dtype
 
 
 def decoder_of(model):
@@ -59,14 +38,9 @@ def decoder_of(model):
     raise ValueError(f"{type(model).__name__} has no decoder with .layers and .norm")
 
 
-def add_adapters(model, dim: int) -> list[str]:
-    """Register A_n as ``layers[n].meft_adapter``; returns the module names (for peft modules_to_save)."""
-    decoder = decoder_of(model)
-    hidden = model.config.hidden_size
-    dtype = next(decoder.parameters()).dtype
-    for layer in decoder.layers:
-        layer.meft_adapter = RevAdapter(hidden, dim, dtype=dtype)
-    return ["meft_adapter"]
+def add_adapters(model, dim: int) -> None:
+    """Register A_n as ``layers[n].meft_adapter`` (saved by peft as a module to save)."""
+    attach_adapters(decoder_of(model).layers, model.config.hidden_size, dim)
 
 
 def convert(model, settings: MeftSettings):
@@ -102,9 +76,11 @@ class _Runner:
     def __call__(self, hidden_states, **kwargs):
         from .reversible import Coupling, run_couplings
 
-        if torch.is_grad_enabled() and kwargs.get("past_key_values") is not None:
+        if torch.is_grad_enabled():
             # backward re-runs each layer: a KV cache would be appended to twice. Training needs none.
-            kwargs = {**kwargs, "past_key_values": None, "use_cache": False}
+            # (transformers 5.24 renamed the layers' past_key_values argument to cache)
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "cache")}
+            kwargs["use_cache"] = False
         dtype = hidden_states.dtype
         stream = self.settings.stream_dtype or dtype
         k = self.settings.reversible_layers

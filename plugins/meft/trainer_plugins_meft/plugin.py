@@ -1,5 +1,6 @@
 """Trainer glue for MEFT: flags, checks, the peft LoRA + coupling conversion, the saved config.
-The method is in reversible.py (autograd) and llama.py (the coupling for pre-norm decoders)."""
+The method is in reversible.py (autograd), llama.py (the coupling for pre-norm decoders) and encoder.py
+(MEFT1/2/3 for post-norm encoders)."""
 
 from __future__ import annotations
 
@@ -19,11 +20,16 @@ class MeftArguments:
     meft: Literal["off", "meft1", "meft2", "meft3"] = field(
         default="off",
         metadata={"help": "Reversible fine-tuning. Decoders (Llama/Qwen2/Mistral): meft1 = F is each pretrained "
-                          "layer's update with LoRA inside, G = identity + adapter, lam = gamma, beta = 1."})
+                          "layer's update with LoRA inside, G = identity + adapter, lam = gamma, beta = 1. Encoders "
+                          "(BERT/RoBERTa), as in the paper: meft1 F = layer, G = adapter (lam = gamma); meft2 F = "
+                          "adapter, G = layer (beta = gamma); meft3 F = attention, G = MLP (lam = beta = gamma)."})
     meft_gamma: float = field(default=0.03125, metadata={
-        "help": "lam of the coupling: the momentum kept from the previous layer's update. Smaller = closer to the "
-                "pretrained model at the start, larger = less rounding error in the reconstruction (1/gamma per "
-                "layer). A power of two (1/32) makes the division exact in binary floating point."})
+        "help": "The small factor of the coupling (lam and/or beta, by variant; the paper: 0.1). Smaller = closer "
+                "to the pretrained model at the start, larger = less rounding error in the reconstruction (1/gamma "
+                "per layer). A power of two (1/32) makes the division exact in binary floating point."})
+    meft_output: Literal["chain", "mean"] = field(default="chain", metadata={
+        "help": "Encoders: the encoder's output is the stream that carries the pretrained layers' outputs (chain: "
+                "the start is the pretrained model up to gamma) or the mean of the two streams (the paper)."})
     meft_reversible_layers: int = field(default=-1, metadata={
         "help": "Reversible bottom layers (-1: all); the layers above keep their activations (plain autograd)."})
     meft_segment_layers: int = field(default=4, metadata={
@@ -51,14 +57,17 @@ def plugin_spec():
     )
 
 
+def family_of(model_type):
+    """'decoder' or 'encoder' (None for other model types)."""
+    from . import encoder, llama
+
+    return "decoder" if model_type in llama.SUPPORTED else "encoder" if model_type in encoder.SUPPORTED else None
+
+
 @hookimpl
 def validate(args, model_args, model_config):
-    from .llama import SUPPORTED
+    from . import encoder, llama
 
-    if args.meft in ("meft2", "meft3"):
-        raise ConfigError(
-            f"meft={args.meft} is defined for post-norm encoders (BERT), not implemented yet; for pre-norm decoders "
-            "use meft1 (README: why MEFT3's F = attention, G = MLP cannot see the residual stream in a pre-norm layer)")
     if not 0 < args.meft_gamma <= 1:
         raise ConfigError(f"meft_gamma must be in (0, 1], got {args.meft_gamma}: the coupling divides by it")
     if args.meft_reversible_layers < -1:
@@ -74,46 +83,86 @@ def validate(args, model_args, model_config):
     if getattr(args, "gradient_checkpointing", False) or getattr(args, "activation_checkpointing", False):
         raise ConfigError("meft recomputes activations itself; activation (gradient) checkpointing would recompute "
                           "them twice: set activation_checkpointing false")
+    if model_config is None:
+        return
     model_type = getattr(model_config, "model_type", None)
-    if model_config is not None and model_type not in SUPPORTED:
-        raise ConfigError(f"meft supports the model types {SUPPORTED} (pre-norm decoders), not {model_type!r}")
+    family = family_of(model_type)
+    if family is None:
+        raise ConfigError(f"meft supports the pre-norm decoders {llama.SUPPORTED} and the post-norm encoders "
+                          f"{encoder.SUPPORTED}, not {model_type!r}")
+    if family == "decoder" and args.meft != "meft1":
+        raise ConfigError(
+            f"meft={args.meft} is defined for post-norm encoders (BERT/RoBERTa); for pre-norm decoders use meft1 "
+            "(README: why MEFT3's F = attention, G = MLP cannot see the residual stream in a pre-norm layer)")
+    if family == "decoder" and args.meft_output != "chain":
+        raise ConfigError("meft_output applies to encoders (two streams out); a decoder's output is its hidden stream")
+    if family == "encoder" and (getattr(model_config, "is_decoder", False)
+                                or getattr(model_config, "add_cross_attention", False)):
+        raise ConfigError(f"meft runs {model_type} as an encoder; this config is a decoder (is_decoder / "
+                          "add_cross_attention), which needs a KV cache and cross-attention the couplings do not carry")
 
 
 def settings_of(args):
     import torch
 
-    from .llama import MeftSettings
+    from .reversible import MeftSettings
 
     dtype = None if args.meft_stream_dtype == "model" else getattr(torch, args.meft_stream_dtype)
     return MeftSettings(
         gamma=args.meft_gamma,
         reversible_layers=None if args.meft_reversible_layers < 0 else args.meft_reversible_layers,
         segment=args.meft_segment_layers or None,
-        stream_dtype=dtype,
+        stream_dtype=dtype, variant=args.meft, output=args.meft_output,
     )
 
 
-def lora_config(args):
+def _task_type(model):
+    """peft's task type from the model class (it decides the PeftModel wrapper and the head it trains)."""
+    name = type(model).__name__
+    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+                         ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS")):
+        if name.endswith(suffix):
+            return task
+    return None
+
+
+def lora_config(args, model):
     from peft import LoraConfig
 
+    from . import encoder
+
     targets = args.meft_lora_target_modules
+    with_adapter = args.meft_adapter_dim and (family_of(model.config.model_type) == "decoder"
+                                              or encoder.needs_adapter(args.meft))
     return LoraConfig(
         r=args.meft_lora_r, lora_alpha=args.meft_lora_alpha, lora_dropout=args.meft_lora_dropout,
         target_modules=targets if targets == "all-linear" else targets.split(","),
-        modules_to_save=["meft_adapter"] if args.meft_adapter_dim else None, task_type="CAUSAL_LM",
+        modules_to_save=["meft_adapter"] if with_adapter else None, task_type=_task_type(model),
     )
+
+
+def _family_module(model):
+    from . import encoder, llama
+
+    return llama if family_of(model.config.model_type) == "decoder" else encoder
+
+
+def _add_adapters(model, variant, dim):
+    from . import encoder
+
+    family = _family_module(model)
+    if dim and (family is not encoder or encoder.needs_adapter(variant)):
+        family.add_adapters(model, dim)
 
 
 @hookimpl
 def prepare_model(model, args):
     from peft import get_peft_model
 
-    from .llama import add_adapters, convert
-
-    if args.meft_adapter_dim:
-        add_adapters(model, args.meft_adapter_dim)
-    model = get_peft_model(model, lora_config(args))
-    return convert(model, settings_of(args))
+    _add_adapters(model, args.meft, args.meft_adapter_dim)
+    family = _family_module(model)
+    model = get_peft_model(model, lora_config(args, model))
+    return family.convert(model, settings_of(args))
 
 
 @hookimpl
@@ -122,26 +171,29 @@ def export(trainer, output_dir):
     config = {
         "variant": args.meft, "gamma": args.meft_gamma, "reversible_layers": args.meft_reversible_layers,
         "segment_layers": args.meft_segment_layers, "stream_dtype": args.meft_stream_dtype,
-        "adapter_dim": args.meft_adapter_dim,
+        "adapter_dim": args.meft_adapter_dim, "output": args.meft_output,
     }
     with open(os.path.join(output_dir, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2)
 
 
 def load(base_model, adapter_dir):
-    """The trained MEFT model: ``base_model`` (the original pretrained model) + the saved peft adapter
-    and G adapters in ``adapter_dir``, run as the same couplings as in training."""
+    """The trained MEFT model: ``base_model`` (the original pretrained model, with the task head class it
+    was trained with) + the saved peft adapter, G/F adapters and head in ``adapter_dir``, run as the same
+    couplings as in training."""
     import torch
     from peft import PeftModel
 
-    from .llama import MeftSettings, add_adapters, convert
+    from .reversible import MeftSettings
 
     with open(os.path.join(adapter_dir, CONFIG_NAME)) as f:
         config = json.load(f)
-    if config["adapter_dim"]:
-        add_adapters(base_model, config["adapter_dim"])
+    variant = config.get("variant", "meft1")
+    _add_adapters(base_model, variant, config["adapter_dim"])
+    family = _family_module(base_model)
     model = PeftModel.from_pretrained(base_model, adapter_dir)
     dtype = None if config["stream_dtype"] == "model" else getattr(torch, config["stream_dtype"])
-    return convert(model, MeftSettings(
+    return family.convert(model, MeftSettings(
         gamma=config["gamma"], reversible_layers=None if config["reversible_layers"] < 0 else config["reversible_layers"],
-        segment=config["segment_layers"] or None, stream_dtype=dtype))
+        segment=config["segment_layers"] or None, stream_dtype=dtype, variant=variant,
+        output=config.get("output", "chain")))

@@ -10,6 +10,8 @@ and is inverted exactly (in exact arithmetic) from its outputs:
     x2 = (y2 - G(y1)) / beta
     x1 = (y1 - F(x2)) / lam
 
+A coupling with ``swap`` hands (y2, y1) to the next one (MEFT1/MEFT2 alternate the streams' roles).
+
 ``run_couplings`` runs a stack of them. In training, segments of the stack run inside one autograd
 Function that keeps only the segment's output: backward rebuilds each coupling's inputs from its
 outputs, top to bottom, re-running F and G once with autograd on (and with the RNG state of the forward,
@@ -32,6 +34,18 @@ import torch
 
 
 @dataclass
+class MeftSettings:
+    """How a converted model runs its stack (decoders and encoders alike)."""
+
+    gamma: float = 0.03125  # the small factor of the coupling (lam and/or beta, by variant)
+    reversible_layers: int | None = None  # the bottom k layers; None: all
+    segment: int | None = 4  # layers per stored segment; None: one segment
+    stream_dtype: torch.dtype | None = torch.float64  # None: the model's dtype
+    variant: str = "meft1"  # encoders: meft1 | meft2 | meft3 (decoders: meft1)
+    output: str = "chain"  # encoders: the stream carrying the pretrained layers' outputs, or "mean" (paper)
+
+
+@dataclass
 class Coupling:
     f: Callable[[torch.Tensor], torch.Tensor]
     g: Callable[[torch.Tensor], torch.Tensor]
@@ -39,13 +53,16 @@ class Coupling:
     beta: float
     params: Sequence[torch.nn.Parameter] = ()  # the trainable parameters F and G use
     reversible: bool = True  # False: plain autograd (activations stored), e.g. the top layers
+    swap: bool = False  # output (y2, y1) instead of (y1, y2)
 
     def forward(self, x1, x2):
         y1 = self.lam * x1 + self.f(x2)
         y2 = self.beta * x2 + self.g(y1)
-        return y1, y2
+        return (y2, y1) if self.swap else (y1, y2)
 
     def inverse(self, y1, y2):
+        if self.swap:
+            y1, y2 = y2, y1
         x2 = (y2 - self.g(y1)) / self.beta
         x1 = (y1 - self.f(x2)) / self.lam
         return x1, x2
@@ -95,6 +112,8 @@ class _ReversibleSegment(torch.autograd.Function):
                 x1 = c.lam * x1 + c.f(x2)
                 g_state = _rng_state(x2.device)
                 x2 = c.beta * x2 + c.g(x1)
+                if c.swap:
+                    x1, x2 = x2, x1
                 ctx.rng.append((f_state, g_state))
         ctx.save_for_backward(x1, x2)
         return x1, x2
@@ -108,6 +127,8 @@ class _ReversibleSegment(torch.autograd.Function):
         dy1 = torch.zeros_like(y1) if dy1 is None else dy1
         dy2 = torch.zeros_like(y2) if dy2 is None else dy2
         for c, (f_state, g_state) in zip(reversed(ctx.couplings), reversed(ctx.rng)):
+            if c.swap:  # the outputs (and their gradients) arrived as (y2, y1)
+                y1, y2, dy1, dy2 = y2, y1, dy2, dy1
             own = [p for p in _unique(c.params) if p.requires_grad]
             with torch.enable_grad():
                 # y2 = beta*x2 + G(y1): G's gradient flows into y1 and G's parameters
