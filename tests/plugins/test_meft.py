@@ -1,6 +1,8 @@
 """MEFT for Llama-family decoders: the start is the pretrained model (up to gamma), the reversible backward
 gives plain autograd's gradients, activations are not stored, training resumes exactly, outputs reload."""
 
+import json
+
 import pytest
 import torch
 from transformers import LlamaForCausalLM
@@ -158,6 +160,7 @@ def test_trains_resumes_exactly_and_reloads(tmp_path):
     ({"meft_stream_dtype": "float16x"}, "meft_stream_dtype must be one of"),
     ({"gradient_checkpointing": True}, "activation \\(gradient\\) checkpointing"),
     ({"apollo": "mini"}, "conflicts|MEFT trains adapters"),
+    ({"deepspeed": {"zero_optimization": {"stage": 3}}}, "does not support DeepSpeed ZeRO-3"),
 ])
 def test_bad_input(tmp_path, kw, message):
     a = PluginTrainingArguments(output_dir=str(tmp_path), **{"meft": "meft1", **kw})
@@ -171,3 +174,31 @@ def test_unsupported_architecture(tmp_path):
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
     with pytest.raises(PluginConfigError, match="supports the pre-norm decoders .* post-norm encoders"):
         PluginTrainer(model=model, args=PluginTrainingArguments(output_dir=str(tmp_path), meft="meft1"))
+
+
+DISTRIBUTED = dict(COMMON, meft="meft1", max_steps=8, learning_rate=3e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["ddp", 2])
+def test_two_processes_equal_one_process(stage, tmp_path):
+    """2 ranks x batch 2 = 1 process x batch 4: the coupling's backward hands its gradients to autograd,
+    so DDP's and ZeRO-2's gradient hooks reduce them like any other."""
+    from safetensors.torch import load_file
+
+    from helpers import ROOT, torchrun
+
+    plain = PluginTrainer(model=llama(2), train_dataset=counting_dataset(),
+                          args=PluginTrainingArguments(output_dir=str(tmp_path / "plain"), **DISTRIBUTED))
+    plain.train()
+    plain.save_model()
+    out = tmp_path / "dist"
+    run = torchrun(ROOT / "tests" / "plugins" / "meft_zero_worker.py", [stage, out])
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads((out / "record.json").read_text())
+    assert record["losses"] == pytest.approx(losses(plain), rel=1e-4)  # reduction order: see test_sparse
+    ours = load_file(str(out / "adapter_model.safetensors"))
+    reference = load_file(str(tmp_path / "plain" / "adapter_model.safetensors"))
+    assert ours.keys() == reference.keys() and len(ours) > 0
+    for key in ours:
+        torch.testing.assert_close(ours[key], reference[key], rtol=1e-3, atol=1e-4)

@@ -50,9 +50,10 @@ def plugin_spec():
         name="meft",
         arguments=MeftArguments,
         description="MEFT: reversible adapters; activations recomputed from outputs in backward, not stored",
-        # DDP: the coupling's backward hands parameter gradients to autograd like any other (one
-        # reduction per parameter). ZeRO and 4-bit bases: not tested yet, so refused.
-        supports=frozenset({"ddp"}),
+        # The coupling's backward hands parameter gradients to autograd like any other op, so DDP's and
+        # ZeRO-2's gradient hooks see each once (tested, 2 processes). ZeRO-3 is refused: the layers
+        # re-run inside our backward find weights ZeRO-3 has partitioned ("expected shape [0]").
+        supports=frozenset({"ddp", "zero2"}),
         conflicts={"apollo": "MEFT trains adapters; APOLLO is a full-parameter optimizer"},
     )
 
