@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from trainer_plugins import ConfigError, PluginSpec, hookimpl
+from trainer_plugins.spec import deepspeed_stage
 
 CONFIG_NAME = "meft_config.json"
 STREAM_DTYPES = ("float64", "float32", "model")
@@ -53,7 +54,9 @@ def plugin_spec():
         # The coupling's backward hands parameter gradients to autograd like any other op, so DDP's and
         # ZeRO-2's gradient hooks see each once (tested, 2 processes). ZeRO-3 is refused: the layers
         # re-run inside our backward find weights ZeRO-3 has partitioned ("expected shape [0]").
-        supports=frozenset({"ddp", "zero2"}),
+        # 4-bit base: frozen, and re-running a layer dequantises the same packed weights, so the
+        # reconstruction is as exact as in 16/32 bits (tested).
+        supports=frozenset({"ddp", "zero2", "4bit"}),
         conflicts={"apollo": "MEFT trains adapters; APOLLO is a full-parameter optimizer"},
     )
 
@@ -84,6 +87,9 @@ def validate(args, model_args, model_config):
     if getattr(args, "gradient_checkpointing", False) or getattr(args, "activation_checkpointing", False):
         raise ConfigError("meft recomputes activations itself; activation (gradient) checkpointing would recompute "
                           "them twice: set activation_checkpointing false")
+    if getattr(model_args, "load_in_4bit", False) and deepspeed_stage(args) is not None:
+        raise ConfigError("meft: a 4-bit base under DeepSpeed is not tested; use DDP (torchrun without deepspeed) "
+                          "with the 4-bit base, or ZeRO-2 with a 16-bit one")
     if model_config is None:
         return
     model_type = getattr(model_config, "model_type", None)
