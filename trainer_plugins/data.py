@@ -1,4 +1,5 @@
-"""Training data: a corpus name or path -> tokenized train/eval datasets for causal-LM training.
+"""Training data: a corpus name or path -> tokenized train/eval datasets for causal-LM training, or
+labelled rows -> sequence-classification examples.
 
 Sources: ``stdlib`` (the installed Python standard library's ``.py`` files, offline and always there),
 a ``.txt`` / ``.jsonl`` / ``.json`` file, a directory of ``.txt`` / ``.md`` / ``.py`` files, or a Hugging
@@ -8,6 +9,9 @@ Face dataset name (needs ``datasets``). Raw text is packed into fixed-size block
 Every source is read as a list of cheap *items* (file paths, rows, row indices) that are split into
 train/eval by a stable hash, shuffled with the seed, and only then read and tokenized, lazily, until
 ``max_train_samples`` / ``max_eval_samples`` examples exist: a small CPU run never tokenizes a whole corpus.
+
+Sequence classification (``num_labels`` given, from the model's ``task``): rows of a JSON(L) file or a
+Hugging Face dataset with a text and an integer label column; one truncated example per row.
 """
 
 from __future__ import annotations
@@ -52,6 +56,11 @@ class DataArguments:
     )
     dataset_split: str = field(default="train", metadata={"help": "Split of a Hugging Face dataset to read."})
     text_field: str = field(default="text", metadata={"help": "JSON(L)/Hugging Face column holding raw text."})
+    label_field: str = field(
+        default="label",
+        metadata={"help": "Sequence classification: the JSON(L)/Hugging Face column holding the class id "
+                          "(an integer in [0, num_labels))."},
+    )
     messages_field: str = field(
         default="messages",
         metadata={"help": "JSON(L)/Hugging Face column holding chat messages [{'role', 'content'}, ...]; "
@@ -90,9 +99,14 @@ def stdlib_root() -> Path:
 # ----------------------------------------------------------------------------------------- validation
 
 
-def validate_data_args(data_args: DataArguments) -> None:
+def validate_data_args(data_args: DataArguments, num_labels: Optional[int] = None) -> None:
     """Every check that needs no tokenizer and no model. Raises ConfigError."""
     a = data_args
+    if num_labels is not None:
+        path = _local_path(a.dataset) if a.dataset != "stdlib" else None
+        if a.dataset == "stdlib" or (path is not None and (path.is_dir() or path.suffix.lower() == ".txt")):
+            raise ConfigError(f"sequence classification needs labelled rows (a .jsonl/.json file or a Hugging Face "
+                              f"dataset with '{a.text_field}' and '{a.label_field}' fields), not {a.dataset!r}")
     if not 0 <= a.eval_fraction < 1:
         raise ConfigError(f"eval_fraction must be in [0, 1), got {a.eval_fraction}")
     if a.max_seq_length < 8:
@@ -143,8 +157,9 @@ class _Corpus:
     name: str
     is_chat: bool
     items: list
-    read: Callable[[Any], Any]  # item -> text (str) or messages (list of dicts)
+    read: Callable[[Any], Any]  # item -> text (str), messages (list of dicts) or (text, label)
     split_key: Callable[[Any], str]
+    is_labelled: bool = False
 
 
 def _load_corpus(a: DataArguments) -> _Corpus:
@@ -187,7 +202,7 @@ def _files_corpus(name: str, root: Path, relpaths: list[str], header: Callable[[
     return _Corpus(name, False, relpaths, read=read, split_key=lambda rel: rel)
 
 
-def _json_corpus(path: Path, a: DataArguments) -> _Corpus:
+def _json_rows(path: Path) -> list[dict]:
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".json":
         try:
@@ -206,6 +221,55 @@ def _json_corpus(path: Path, a: DataArguments) -> _Corpus:
                     raise ConfigError(f"{path}:{lineno} is not valid JSON: {exc}") from exc
     if not rows or not all(isinstance(row, dict) for row in rows):
         raise ConfigError(f"{path} must hold at least one row, every row a JSON object")
+    return rows
+
+
+def _labelled_corpus(a: DataArguments, num_labels: int) -> _Corpus:
+    """Rows of (text, label) from a JSON(L) file or a Hugging Face dataset."""
+    path = _local_path(a.dataset)
+    if path is None:
+        import datasets
+
+        where = f"Hugging Face dataset '{a.dataset}'"
+        try:
+            rows = datasets.load_dataset(a.dataset, a.dataset_config, split=a.dataset_split)
+        except (FileNotFoundError, ConnectionError, ValueError) as exc:
+            raise ConfigError(f"could not load {where} (config {a.dataset_config}, split {a.dataset_split}): "
+                              f"{exc}") from exc
+        columns, name, split_key = rows.column_names, a.dataset, (lambda i: f"row {i}")
+    else:
+        where = str(path)
+        rows = _json_rows(path)
+        columns, name = rows[0].keys(), str(path)
+        split_key = lambda i: json.dumps(rows[i], sort_keys=True)  # noqa: E731 (by content, as above)
+    missing = [c for c in (a.text_field, a.label_field) if c not in columns]
+    if missing:
+        raise ConfigError(f"{where} has no {' and no '.join(map(repr, missing))} field (found "
+                          f"{', '.join(map(str, columns))}); set text_field / label_field")
+
+    def read(i):
+        row = rows[i]
+        text, label = row[a.text_field], row[a.label_field]
+        if not isinstance(text, str):
+            raise ConfigError(f"{where} row {i}: text must be a string, got {type(text).__name__}")
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_labels:
+            raise ConfigError(f"{where} row {i}: label must be an integer in [0, {num_labels}) (num_labels), "
+                              f"got {label!r}")
+        return text, label
+
+    return _Corpus(name, False, list(range(len(rows))), read=read, split_key=split_key, is_labelled=True)
+
+
+def _labelled_examples(rows: Iterable[tuple], tokenizer, max_length: int, limit: Optional[int]) -> list[dict]:
+    examples = []
+    for text, label in islice(rows, limit):
+        ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+        examples.append({"input_ids": ids, "labels": label})
+    return examples
+
+
+def _json_corpus(path: Path, a: DataArguments) -> _Corpus:
+    rows = _json_rows(path)
     column, is_chat = _pick_column(rows[0].keys(), a, str(path))
     for number, row in enumerate(rows, 1):
         if column not in row:
@@ -282,12 +346,13 @@ class TokenizedDataset(torch.utils.data.Dataset):
         return self.examples[index]
 
 
-def build_datasets(data_args: DataArguments, tokenizer,
-                   seed: int = 42) -> tuple[TokenizedDataset, Optional[TokenizedDataset]]:
-    """(train, eval) datasets; eval is None when eval_fraction is 0. Deterministic for a given seed."""
+def build_datasets(data_args: DataArguments, tokenizer, seed: int = 42,
+                   num_labels: Optional[int] = None) -> tuple[TokenizedDataset, Optional[TokenizedDataset]]:
+    """(train, eval) datasets; eval is None when eval_fraction is 0. Deterministic for a given seed.
+    With ``num_labels``: sequence-classification examples (input_ids, an integer label)."""
     a = data_args
-    validate_data_args(a)
-    corpus = _load_corpus(a)
+    validate_data_args(a, num_labels)
+    corpus = _load_corpus(a) if num_labels is None else _labelled_corpus(a, num_labels)
     train_items, eval_items = _split(corpus, a.eval_fraction)
     rng = random.Random(seed)
     rng.shuffle(train_items)
@@ -320,6 +385,8 @@ def calibration_batches(dataset: str, samples: int, seq_length: int, tokenizer, 
 
 def _examples(corpus: _Corpus, items: list, tokenizer, a: DataArguments, limit: Optional[int]) -> list[dict]:
     documents = (corpus.read(item) for item in items)  # lazy: only what the limit needs is read
+    if corpus.is_labelled:
+        return _labelled_examples(documents, tokenizer, a.max_seq_length, limit)
     if corpus.is_chat:
         return _chat_examples(documents, tokenizer, a.max_seq_length, limit)
     if a.packing:
@@ -418,14 +485,17 @@ def _encode_chat(messages: list[dict], tokenizer, max_length: int) -> dict:
 # ----------------------------------------------------------------------------------------- batching
 
 
-def data_collator(tokenizer):
-    """Pads input_ids (pad token), attention_mask (0) and labels (-100) to the longest in the batch."""
-    from transformers import DataCollatorForSeq2Seq
+def data_collator(tokenizer, classification: bool = False):
+    """Pads input_ids (pad token), attention_mask (0) and labels (-100) to the longest in the batch;
+    ``classification``: one integer label per example, only the inputs are padded."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
             raise ConfigError("the tokenizer has neither a pad nor an EOS token to pad batches with")
         # Any id works: padded positions are masked out of attention and loss.
         tokenizer.pad_token = tokenizer.eos_token
+    if classification:
+        return DataCollatorWithPadding(tokenizer, return_tensors="pt")
     # Works for causal LMs too: it pads labels with label_pad_token_id and the rest with tokenizer.pad.
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")

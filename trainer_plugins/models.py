@@ -36,6 +36,12 @@ class ModelArguments:
     )
     gguf_file: Optional[str] = field(default=None, metadata={"help": "GGUF file name inside a directory or hub repo."})
     tokenizer_name_or_path: Optional[str] = field(default=None, metadata={"help": "Tokenizer, if not the model's."})
+    task: Literal["causal-lm", "sequence-classification"] = field(
+        default="causal-lm",
+        metadata={"help": "causal-lm (AutoModelForCausalLM, text corpora) or sequence-classification "
+                          "(AutoModelForSequenceClassification with num_labels, labelled rows)."},
+    )
+    num_labels: Optional[int] = field(default=None, metadata={"help": "Classes of a sequence-classification task."})
     model_init: Literal["pretrained", "random"] = field(
         default="pretrained", metadata={"help": "random: fresh weights from the model's config (pre-training)."}
     )
@@ -121,7 +127,19 @@ def validate_model_args(model_args: ModelArguments) -> None:
             raise ConfigError("load_in_4bit with model_init=random: there are no pretrained weights to quantise")
         if not importable("bitsandbytes"):
             raise ConfigError("load_in_4bit needs bitsandbytes: pip install 'bitsandbytes>=0.45'")
+    if model_args.task == "sequence-classification":
+        if model_args.num_labels is None or model_args.num_labels < 2:
+            raise ConfigError(f"task sequence-classification needs num_labels >= 2, got {model_args.num_labels}")
+        if gguf is not None:
+            raise ConfigError("a GGUF file holds a causal LM; sequence classification needs a HF directory or hub name")
+    elif model_args.num_labels is not None:
+        raise ConfigError("num_labels applies to task sequence-classification (the task is causal-lm)")
     _overrides(model_args)
+
+
+def num_labels_of(model_args: ModelArguments) -> Optional[int]:
+    """The classes of a sequence-classification task; None for a causal LM."""
+    return model_args.num_labels if model_args.task == "sequence-classification" else None
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -234,22 +252,26 @@ def quantization_config(model_args: ModelArguments, zero3: bool = False):
 
 def load_model(model_args: ModelArguments, *, zero3: bool = False):
     """Load the model the arguments describe. The caller seeds (model_init=random) and places it."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     dtype = resolve_dtype(model_args.dtype)
     config = load_model_config(model_args)
+    auto = AutoModelForCausalLM
+    if num_labels_of(model_args):
+        auto = AutoModelForSequenceClassification
+        config.num_labels = model_args.num_labels  # a new head of that size (the checkpoint's is dropped)
     kwargs = {"trust_remote_code": model_args.trust_remote_code}
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
     if model_args.model_init == "random":
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+        return auto.from_config(config, dtype=dtype, **kwargs)
     if zero3 and not model_args.load_in_4bit:
         _init_deepspeed_comm()
     if model_args.load_in_4bit:
         kwargs["quantization_config"] = quantization_config(model_args, zero3=zero3)
         if not torch.cuda.is_available():
             kwargs["device_map"] = "cpu"
-    return AutoModelForCausalLM.from_pretrained(model_source(model_args), config=config, dtype=dtype, **kwargs)
+    return auto.from_pretrained(model_source(model_args), config=config, dtype=dtype, **kwargs)
 
 
 def _init_deepspeed_comm() -> None:

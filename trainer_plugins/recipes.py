@@ -157,11 +157,11 @@ def load_recipe(path_or_dict: str | os.PathLike | dict, overrides: list[str] | d
 
 def validate_recipe(recipe: Recipe, load_config: bool = True) -> None:
     from .data import validate_data_args
-    from .models import load_model_config, validate_model_args
+    from .models import load_model_config, num_labels_of, validate_model_args
     from .trainer import validate_run
 
     validate_model_args(recipe.model_args)
-    validate_data_args(recipe.data_args)
+    validate_data_args(recipe.data_args, num_labels_of(recipe.model_args))
     if load_config:
         recipe.model_config = load_model_config(recipe.model_args)
     validate_run(recipe.args._host, recipe.args, recipe.model_args, recipe.model_config)
@@ -189,7 +189,7 @@ def run_recipe(recipe: Recipe) -> dict:
 
     from .data import build_datasets, data_collator
     from .manager import BUILTIN
-    from .models import load_tokenizer
+    from .models import load_tokenizer, num_labels_of
     from .trainer import PluginTrainer, deepspeed_stage
 
     args = recipe.args
@@ -197,15 +197,20 @@ def run_recipe(recipe: Recipe) -> dict:
     set_seed(args.seed)
     tokenizer = load_tokenizer(recipe.model_args)
     model = host.call_first("load_model", args, model_args=recipe.model_args)
-    train_ds, eval_ds = build_datasets(recipe.data_args, tokenizer, seed=args.data_seed or args.seed)
+    num_labels = num_labels_of(recipe.model_args)
+    if num_labels and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers find the last token by it
+    train_ds, eval_ds = build_datasets(recipe.data_args, tokenizer, seed=args.data_seed or args.seed,
+                                       num_labels=num_labels)
     trainer = PluginTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-        data_collator=data_collator(tokenizer), processing_class=tokenizer,
+        data_collator=data_collator(tokenizer, classification=bool(num_labels)), processing_class=tokenizer,
+        compute_metrics=_accuracy if num_labels else None,
     )
     results: dict = {"recipe": recipe.source, "config": resolved_config(recipe),
                      "plugins": [n for n in host.enabled(args) if n != BUILTIN]}
     # Under ZeRO-3 no process holds whole weights outside the engine, so generate() cannot run.
-    sampling = recipe.run_args.sample_prompt and deepspeed_stage(args) != 3
+    sampling = recipe.run_args.sample_prompt and deepspeed_stage(args) != 3 and not num_labels
     if eval_ds is not None and recipe.run_args.eval_before_training:
         # Inside train(), after DeepSpeed has wrapped the model: evaluate() before train() only works
         # with ZeRO-3 (transformers' "ZeRO inference"), eval_on_start works with every stage.
@@ -218,9 +223,9 @@ def run_recipe(recipe: Recipe) -> dict:
                         "train_loss": train_out.training_loss}
     if args.eval_on_start:
         first = next(h for h in trainer.state.log_history if "eval_loss" in h)
-        results["before"] = _metrics(first["eval_loss"])
+        results["before"] = _metrics(first)
     if eval_ds is not None:
-        results["after"] = _metrics(trainer.evaluate()["eval_loss"])
+        results["after"] = _metrics(trainer.evaluate())
     if sampling:
         results["sample_after"] = sample(trainer.model, tokenizer, recipe.run_args)
     if recipe.run_args.save_final_model:
@@ -233,8 +238,19 @@ def run_recipe(recipe: Recipe) -> dict:
     return results
 
 
-def _metrics(loss: float) -> dict:
+def _metrics(logged: dict) -> dict:
+    """eval_loss and perplexity (causal LM) or accuracy (classification) from the Trainer's eval metrics."""
+    loss = logged["eval_loss"]
+    if "eval_accuracy" in logged:
+        return {"eval_loss": loss, "accuracy": logged["eval_accuracy"]}
     return {"eval_loss": loss, "perplexity": math.exp(loss) if loss < 50 else float("inf")}
+
+
+def _accuracy(prediction) -> dict:
+    import numpy as np
+
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    return {"accuracy": float((np.argmax(logits, axis=-1) == prediction.label_ids).mean())}
 
 
 def sample(model, tokenizer, run_args: RunArguments) -> str:
@@ -260,11 +276,12 @@ def format_results(results: dict) -> str:
     lines = ["", "=" * 72, f"recipe {results['recipe']}  plugins: {', '.join(results['plugins']) or 'none'}"]
     before, after = results.get("before"), results.get("after")
     if after:
+        second = "accuracy" if "accuracy" in after else "perplexity"
         if before:
             lines.append(f"eval loss   {before['eval_loss']:.4f} -> {after['eval_loss']:.4f}")
-            lines.append(f"perplexity  {before['perplexity']:.3f} -> {after['perplexity']:.3f}")
+            lines.append(f"{second:<11} {before[second]:.3f} -> {after[second]:.3f}")
         else:
-            lines.append(f"eval loss {after['eval_loss']:.4f}  perplexity {after['perplexity']:.3f}")
+            lines.append(f"eval loss {after['eval_loss']:.4f}  {second} {after[second]:.3f}")
     t = results["train"]
     lines.append(f"trained {t['steps']} steps in {t['seconds']} s (mean train loss {t['train_loss']:.4f})")
     if "sample_before" in results:
