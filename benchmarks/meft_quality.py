@@ -1,0 +1,80 @@
+"""MEFT quality on CPU (offline): SmolLM2-135M-Instruct, Python stdlib, equal steps, data and eval set.
+
+Eval loss / perplexity on held-out stdlib modules of
+  - the untouched model (MEFT's eval before training: gamma 1/32 starts within 0.01% of it)
+  - LoRA r8 on all projections (peft, through loram with nothing pruned: the same code as plain LoRA)
+  - MEFT1 (recipes/smollm2-135m/meft.yaml: LoRA r8 inside each layer + an adapter of dimension 8 in G)
+and the ablations: no G adapter (LoRA only, the coupling alone), gamma 1/8 (further from the
+pretrained model at the start).
+Both methods train with the same learning rate, schedule and batches; trainable counts come from each
+run's memory report.
+
+    python benchmarks/meft_quality.py [--steps N] [--skip-train] [--only NAME...] [--out PATH]
+"""
+
+import argparse
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MEFT = "recipes/smollm2-135m/meft.yaml"
+LORA = "recipes/smollm2-135m/loram.yaml"
+SAME_EVAL = ["--max_eval_samples", "48"]  # the LoRA recipe's eval set
+RUNS = {
+    "lora_r8": [LORA, "--loram_ratio", "0", "--loram_importance", "magnitude", "--loram_merge", "false",
+                "--output_dir", "outputs/smollm2-135m-lora-r8"],
+    "meft1": [MEFT, *SAME_EVAL, "--output_dir", "outputs/smollm2-135m-meft"],
+    "meft1_no_adapter": [MEFT, *SAME_EVAL, "--meft_adapter_dim", "0", "--output_dir", "outputs/smollm2-135m-meft-a0"],
+    "meft1_gamma_1_8": [MEFT, *SAME_EVAL, "--meft_gamma", "0.125", "--output_dir", "outputs/smollm2-135m-meft-g8"],
+}
+
+
+def point(loss):
+    return {"eval_loss": round(loss, 4), "perplexity": round(math.exp(loss), 3)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-train", action="store_true", help="only read the outputs of earlier runs")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "meft_quality_cpu.json"))
+    parser.add_argument("--steps", type=int, help="max_steps of every run (default: the recipes' 60)")
+    parser.add_argument("--only", nargs="*", help="run only these (the others are read from earlier outputs)")
+    ns = parser.parse_args()
+    result = {"device": f"CPU ({platform.processor() or platform.machine()})", "date": time.strftime("%Y-%m-%d"),
+              "commands": {}, "runs": {}}
+    for name, argv in RUNS.items():
+        argv = argv + (["--max_steps", str(ns.steps)] if ns.steps else [])
+        result["commands"][name] = "trainer-plugins train " + " ".join(argv)
+        if not ns.skip_train and (not ns.only or name in ns.only):
+            subprocess.run([sys.executable, "-m", "trainer_plugins", "train", *argv], cwd=ROOT, check=True)
+        out = ROOT / argv[argv.index("--output_dir") + 1]
+        run = json.loads((out / "results.json").read_text())
+        result["runs"][name] = {
+            "before": run["before"], "after": run["after"], "train": run["train"],
+            "trainable_parameters": (run.get("memory") or {}).get("trainable_parameters"),
+            "sample_after": run.get("sample_after"),
+        }
+    runs = result["runs"]
+    table = {"untouched": point(runs["lora_r8"]["before"]["eval_loss"]),
+             "meft1_start": point(runs["meft1"]["before"]["eval_loss"])}
+    for name, run in runs.items():
+        table[name] = {**point(run["after"]["eval_loss"]), "trainable": run["trainable_parameters"],
+                       "train_seconds": run["train"]["seconds"]}
+    result["table"] = table
+    lora, meft = table["lora_r8"]["eval_loss"], table["meft1"]["eval_loss"]
+    result["summary"] = {
+        "meft_vs_lora_eval_loss": round(meft / lora, 4),
+        "meft_vs_lora_train_time": round(table["meft1"]["train_seconds"] / table["lora_r8"]["train_seconds"], 2),
+        "meft_improves_on_untouched": meft < table["untouched"]["eval_loss"],
+    }
+    print(json.dumps({"table": table, "summary": result["summary"]}, indent=2))
+    Path(ns.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
