@@ -15,6 +15,7 @@ Importance is |W| (magnitude, default) or the empirical Fisher sum over calibrat
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -65,7 +66,12 @@ def dense(param: torch.Tensor) -> torch.Tensor:
     if type(param).__name__ == "Params4bit":
         import bitsandbytes.functional as bnbf
 
-        return bnbf.dequantize_4bit(param.data, param.quant_state).float()
+        data, state = param.data, param.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # bitsandbytes repacks 4-bit weights in place for its AVX512-BF16 CPU kernel after an eval
+            # forward; unpack a copy (the inverse rewrites the state it is given)
+            data, state = bnbf._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))
+        return bnbf.dequantize_4bit(data, state).float()
     return param.detach().float()
 
 
