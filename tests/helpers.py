@@ -40,6 +40,41 @@ def save_tiny_llama(out, tokenizer_dir=None, **shape) -> str:
     return str(out)
 
 
+def tiny_llama(layers: int = 2):
+    """A tiny random Llama (tiny_llama_config, seed 0): the same weights in every process that builds it."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from trainer_plugins.models import tiny_llama_config
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_llama_config(num_hidden_layers=layers))
+
+
+def two_processes_equal_one(tmp_path, stage, flags: dict, weights_file: str) -> tuple[list, list]:
+    """Train the tiny Llama with ``flags`` in one process (batch 4) and in two (torchrun, 2 per rank, DDP
+    or ZeRO-``stage``); returns both loss curves after checking the saved ``weights_file`` agrees."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from trainer_plugins import PluginTrainer, PluginTrainingArguments
+
+    plain = PluginTrainer(model=tiny_llama(), train_dataset=counting_dataset(),
+                          args=PluginTrainingArguments(output_dir=str(tmp_path / "plain"), **flags))
+    plain.train()
+    plain.save_model()
+    out = tmp_path / "dist"
+    run = torchrun(ROOT / "tests" / "plugins" / "trainer_worker.py", [stage, out, json.dumps(flags)])
+    assert run.returncode == 0, run.stderr[-3000:]
+    ours, reference = load_file(str(out / weights_file)), load_file(str(tmp_path / "plain" / weights_file))
+    assert ours.keys() == reference.keys() and len(ours) > 0
+    for key in ours:  # within the loss tolerance's drift (reduction order, see test_sparse)
+        torch.testing.assert_close(ours[key], reference[key], rtol=1e-3, atol=1e-4)
+    return json.loads((out / "record.json").read_text())["losses"], losses(plain)
+
+
 def end_distributed() -> None:
     """End a torchrun worker's process group before the interpreter exits: left to teardown, gloo's threads
     are sometimes destroyed still running and the process aborts ("terminate called without an active

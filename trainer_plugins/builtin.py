@@ -6,7 +6,7 @@ Registered like any third-party plugin (pluggy's eggsample pattern), always enab
 from __future__ import annotations
 
 from .hookspecs import hookimpl
-from .spec import PluginSpec
+from .spec import SETUPS, PluginSpec
 
 
 @hookimpl
@@ -14,7 +14,7 @@ def plugin_spec():
     return PluginSpec(
         name="host",
         description="trainer-plugins itself: default model loader, memory report",
-        supports=frozenset({"ddp", "zero2", "zero3", "4bit"}),
+        supports=frozenset(SETUPS),
         always_on=True,
     )
 

@@ -13,6 +13,7 @@ from typing import get_type_hints
 
 from .errors import TrainerPluginsError
 from .manager import BUILTIN, get_host, importable
+from .spec import CELLS
 
 def plugin_info(host=None) -> list[dict]:
     """Everything ``list`` shows, as JSON-ready dicts (installed plugins, then unusable ones)."""
@@ -30,6 +31,7 @@ def plugin_info(host=None) -> list[dict]:
             "name": name, "version": host.versions.get(name), "status": "ok",
             "description": spec.description, "switch": None if spec.always_on else name,
             "hooks": host.hooks_of(name), "flags": flags, "supports": sorted(spec.supports),
+            "works_with": {k: ", ".join(c for c in CELLS if c in v) for k, v in spec.works_with.items()},
             "requires": {m: {"pip": r, "installed": importable(m)} for m, r in spec.requires.items()},
             "conflicts": dict(spec.conflicts), "run_after": list(spec.run_after),
         })
@@ -57,6 +59,8 @@ def cmd_list(ns) -> int:
             print(f"    {p['description']}")
         print(f"    hooks: {', '.join(p['hooks'])}")
         print(f"    supports: single process, {', '.join(p['supports']) or '-'}")
+        if p["works_with"]:
+            print(f"    tested together with: {', '.join(f'{k} ({c})' for k, c in p['works_with'].items())}")
         for m, r in p["requires"].items():
             print(f"    requires {m} ({r['pip']}): {'installed' if r['installed'] else 'MISSING'}")
         for f in p["flags"]:
@@ -81,6 +85,20 @@ def cmd_train(ns) -> int:
         print(yaml.safe_dump(resolved_config(recipe), sort_keys=False))
         return 0
     run_recipe(recipe)
+    return 0
+
+
+def cmd_matrix(ns) -> int:
+    from . import matrix
+
+    host = get_host()
+    if ns.update_readme:
+        changed = matrix.update_readme(ns.update_readme, host)
+        print(f"{ns.update_readme}: {'updated' if changed else 'already up to date'}")
+    elif ns.markdown:
+        print(matrix.markdown(host))
+    else:
+        print(matrix.text(host))
     return 0
 
 
@@ -126,6 +144,10 @@ def build_parser(host=None) -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved configuration; load no weights")
     p.set_defaults(func=cmd_train)
     sub.add_parser("doctor", help="versions, GPU, which plugins can run here").set_defaults(func=cmd_doctor)
+    p = sub.add_parser("matrix", help="which plugin (and pair) works in which setup, and the tests that show it")
+    p.add_argument("--markdown", action="store_true", help="the table as Markdown, each cell linked to its test")
+    p.add_argument("--update-readme", metavar="README", help="write the Markdown table between its matrix markers")
+    p.set_defaults(func=cmd_matrix)
     # argparse refuses a second parser with a taken name, so a plugin cannot shadow a built-in command.
     (host or get_host()).call("register_commands", subparsers=sub)
     return parser

@@ -21,7 +21,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import ConfigError, PluginConfigError, PluginError
-from .spec import SETUPS, PluginSpec, is_switched_on
+from .spec import CELLS, PluginSpec, cell_label, cell_of, is_switched_on, supported_cells
 
 ENTRY_POINT_GROUP = "trainer_plugins"
 DISABLE_ENV = "TRAINER_PLUGINS_DISABLE"
@@ -139,13 +139,40 @@ class PluginHost:
             for other, why in spec.conflicts.items():
                 if other in enabled:
                     raise PluginConfigError(name, f"cannot be enabled together with '{other}': {why}")
-            missing = sorted(setup - set(spec.supports))
-            if missing:
-                works = ["a single process"] + [SETUPS[s] for s in sorted(spec.supports)]
+            cell, works = cell_of(setup), supported_cells(spec)
+            if cell not in works:
                 raise PluginConfigError(
-                    name,
-                    f"does not support {' and '.join(SETUPS[m] for m in missing)} (it works with: {', '.join(works)})",
-                )
+                    name, f"does not support {cell_label(cell)} (it works with: "
+                          f"{', '.join(cell_label(c) for c in CELLS if c in works)})")
+        self._check_pairs(enabled, cell_of(setup))
+
+    def _check_pairs(self, enabled: list[str], cell: str) -> None:
+        """Two plugins enabled together must be declared tested together (``works_with``) in this cell."""
+        for i, a in enumerate(enabled):
+            for b in enabled[i + 1:]:
+                cells = self.pair_cells(a, b)
+                if cells is None:
+                    tested = [f"{x}+{y}" for x, y in self.pairs()] or ["none"]
+                    raise PluginConfigError(a, f"has not been tested together with '{b}'; enable one of them (pairs "
+                                               f"tested together: {', '.join(tested)})")
+                if cell not in cells:
+                    raise PluginConfigError(a, f"with '{b}' is tested in {', '.join(cell_label(c) for c in CELLS if c in cells)}"
+                                               f", not in {cell_label(cell)}")
+
+    def pair_cells(self, a: str, b: str):
+        """The cells where plugins ``a`` and ``b`` are declared tested together (either side), or None."""
+        declared = [self.specs[x].works_with.get(y) for x, y in ((a, b), (b, a)) if x in self.specs]
+        declared = [set(c) for c in declared if c is not None]
+        return set().union(*declared) if declared else None
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """The declared pairs among the installed plugins, sorted."""
+        out = set()
+        for name, spec in self.specs.items():
+            for other in spec.works_with:
+                if other in self.specs:
+                    out.add(tuple(sorted((name, other))))
+        return sorted(out)
 
     # -- hook calls ----------------------------------------------------------------------------
     def call(self, hook: str, args: Any = None, **kwargs: Any) -> list[Any]:

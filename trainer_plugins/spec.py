@@ -12,13 +12,21 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 
-# The setups a run can need; "single" (one process, full precision) is always supported.
+# The setups a run can need; "single" (one process, full precision) is always supported. A 4-bit base
+# with several processes needs its own entry ("zero2+4bit"): supporting each part is not enough.
 SETUPS = {
     "ddp": "DDP (several processes without DeepSpeed)",
     "zero2": "DeepSpeed ZeRO-1/2",
     "zero3": "DeepSpeed ZeRO-3",
     "4bit": "a 4-bit (bitsandbytes) base model",
+    "ddp+4bit": "DDP with a 4-bit base",
+    "zero2+4bit": "DeepSpeed ZeRO-1/2 with a 4-bit base",
+    "zero3+4bit": "DeepSpeed ZeRO-3 with a 4-bit base",
 }
+# The matrix's cells, in table order: a run is in exactly one (see cell_of).
+CELLS = ("single", "ddp", "zero2", "zero3", "4bit", "ddp+4bit", "zero2+4bit", "zero3+4bit")
+CELL_TITLES = {"single": "one process", "ddp": "DDP", "zero2": "ZeRO-1/2", "zero3": "ZeRO-3", "4bit": "4-bit",
+               "ddp+4bit": "DDP + 4-bit", "zero2+4bit": "ZeRO-1/2 + 4-bit", "zero3+4bit": "ZeRO-3 + 4-bit"}
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _OFF = (None, False, 0, "", "off", "none", "no", "false")
@@ -37,6 +45,10 @@ class PluginSpec:
     conflicts:   other plugin name -> why the two cannot be enabled together.
     run_after:   plugin names whose hooks must run before this plugin's, when both are enabled.
     supports:    the setups from ``SETUPS`` the plugin works in (tested); others are refused.
+    works_with:  other plugin name -> the cells (``CELLS``, "single" included) where the two are tested
+                 together. Two enabled plugins that neither declares are refused: untested together.
+    evidence:    cell (or "<other plugin>@<cell>" for a pair) -> the test that proves it works, as
+                 "path/to/test_file.py::test_name[params]" (shown in ``trainer-plugins matrix``).
     always_on:   enabled without a switch (the host's own built-in plugin).
     """
 
@@ -47,6 +59,8 @@ class PluginSpec:
     conflicts: Mapping[str, str] = field(default_factory=dict)
     run_after: tuple[str, ...] = ()
     supports: frozenset[str] = frozenset({"ddp"})
+    works_with: Mapping[str, frozenset] = field(default_factory=dict)
+    evidence: Mapping[str, str] = field(default_factory=dict)
     always_on: bool = False
 
     def problems(self) -> list[str]:
@@ -57,6 +71,13 @@ class PluginSpec:
         unknown = set(self.supports) - set(SETUPS)
         if unknown:
             out.append(f"supports has unknown setups {sorted(unknown)}; known: {sorted(SETUPS)}")
+        for other, cells in self.works_with.items():
+            if set(cells) - set(CELLS):
+                out.append(f"works_with[{other!r}] has unknown cells {sorted(set(cells) - set(CELLS))}; known: {CELLS}")
+        for key in self.evidence:
+            cell = key.split("@", 1)[-1]
+            if cell not in CELLS:
+                out.append(f"evidence key {key!r}: unknown cell {cell!r}; known: {CELLS}")
         if self.arguments is None:
             if not self.always_on:
                 out.append("has no arguments dataclass, so it has no switch and could never be enabled")
@@ -98,7 +119,8 @@ def deepspeed_stage(args: Any) -> int | None:
 
 
 def run_setup(args: Any, model: Any = None, model_args: Any = None) -> set[str]:
-    """The setups (see spec.SETUPS) this run needs: DDP, ZeRO-1/2, ZeRO-3, a 4-bit base."""
+    """The setups (see spec.SETUPS) this run needs: DDP, ZeRO-1/2, ZeRO-3, a 4-bit base, and the
+    combination of several processes with a 4-bit base ("zero2+4bit")."""
     setup = set()
     stage = deepspeed_stage(args)
     if stage is not None:
@@ -106,5 +128,26 @@ def run_setup(args: Any, model: Any = None, model_args: Any = None) -> set[str]:
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
         setup.add("ddp")
     if getattr(model_args, "load_in_4bit", False) or getattr(model, "is_loaded_in_4bit", False):
-        setup.add("4bit")
+        setup |= {"4bit", *(f"{s}+4bit" for s in setup)}
     return setup
+
+
+def cell_of(setup: set[str]) -> str:
+    """The one matrix cell (``CELLS``) of a run that needs ``setup``."""
+    return next((s for s in setup if "+" in s), None) or next((s for s in setup if s != "4bit"), None) or (
+        "4bit" if "4bit" in setup else "single")
+
+
+def cell_label(cell: str) -> str:
+    return "a single process" if cell == "single" else SETUPS[cell]
+
+
+def supported_cells(spec: PluginSpec) -> set[str]:
+    """The cells ``spec`` works in: a cell is supported when every setup it needs is."""
+    return {cell for cell in CELLS if cell == "single" or set(_needs(cell)) <= set(spec.supports)}
+
+
+def _needs(cell: str) -> list[str]:
+    if "+" in cell:
+        return [cell.split("+")[0], "4bit", cell]
+    return [] if cell == "single" else [cell]

@@ -182,3 +182,28 @@ def test_conflicts_requirements_and_capabilities():
 def test_switch_values():
     assert not any(is_switched_on(v) for v in (None, False, "", "off", "None", "no", 0))
     assert all(is_switched_on(v) for v in (True, "mini", "on", 1))
+
+
+def test_pairs_and_several_processes_on_a_4bit_base_are_cells_of_their_own():
+    from trainer_plugins.spec import cell_of
+
+    a = PluginSpec(name="a", arguments=_args_cls("a"), supports=frozenset({"ddp", "zero2", "4bit"}),
+                   works_with={"b": frozenset({"single", "zero2"})})
+    b = PluginSpec(name="b", arguments=_args_cls("b"), supports=frozenset({"ddp", "zero2", "4bit", "zero2+4bit"}))
+    c = PluginSpec(name="c", arguments=_args_cls("c"), supports=frozenset({"ddp"}))
+    host = _host(a, b, c)
+    host.check(Obj(a=True, b=True), set())
+    host.check(Obj(a=True, b=True), {"zero2"})
+    with pytest.raises(PluginConfigError, match="with 'b' is tested in a single process, DeepSpeed ZeRO-1/2, not in DDP"):
+        host.check(Obj(a=True, b=True), {"ddp"})
+    with pytest.raises(PluginConfigError, match="has not been tested together with 'c'.*pairs tested together: a\\+b"):
+        host.check(Obj(a=True, c=True), set())
+    zero2_4bit = {"zero2", "4bit", "zero2+4bit"}
+    assert cell_of(zero2_4bit) == "zero2+4bit" and cell_of({"4bit"}) == "4bit" and cell_of(set()) == "single"
+    host.check(Obj(b=True), zero2_4bit)
+    host.check(Obj(a=True), {"4bit"})  # each part supported is not enough for the combination:
+    with pytest.raises(PluginConfigError, match="does not support DeepSpeed ZeRO-1/2 with a 4-bit base"):
+        host.check(Obj(a=True), zero2_4bit)
+    bad = PluginSpec(name="d", arguments=_args_cls("d"), works_with={"a": frozenset({"zero9"})},
+                     evidence={"zero8": "tests/x.py::test_y"})
+    assert len(bad.problems()) == 2

@@ -163,3 +163,14 @@ def test_layerwise_refusals(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun; validation runs before the Trainer is built
     with pytest.raises(PluginConfigError, match="single process only"):
         PluginTrainer(model=model(), args=args)
+
+
+@pytest.mark.slow
+def test_two_processes_ddp_equal_one_process(tmp_path):
+    """DDP: the gradients are all-reduced before the step and the projections are seeded, so every rank
+    takes the single process's step."""
+    from helpers import two_processes_equal_one
+
+    flags = dict(COMMON, apollo="mini", apollo_update_proj_gap=3, max_steps=8, learning_rate=1e-2)
+    dist, plain = two_processes_equal_one(tmp_path, "ddp", flags, "model.safetensors")
+    assert dist == pytest.approx(plain, rel=1e-4)

@@ -216,7 +216,7 @@ def test_refusals_that_need_the_model_config_or_setup(model_dir, tmp_path, deeps
     del trainer
     zero3 = recipe(model_dir, tmp_path, deepspeed=str(ROOT / "recipes" / "deepspeed" / "zero3.json"))
     zero3["model"]["load_in_4bit"] = True
-    with pytest.raises(ConfigError, match="under ZeRO-3 is not supported"):
+    with pytest.raises(ConfigError, match="does not support DeepSpeed ZeRO-3 with a 4-bit base"):
         load_recipe(zero3)
 
 

@@ -179,7 +179,7 @@ def test_refusals_that_need_the_model_config_or_setup(model_dir, tmp_path, deeps
     zero3 = str(ROOT / "recipes" / "deepspeed" / "zero3.json")
     with pytest.raises(ConfigError, match="fisher runs a backward pass"):
         load_recipe(recipe(model_dir, tmp_path, lst_importance="fisher", deepspeed=zero3))
-    with pytest.raises(ConfigError, match="4-bit backbone under DeepSpeed"):
+    with pytest.raises(ConfigError, match="does not support DeepSpeed ZeRO-3 with a 4-bit base"):
         load_recipe(recipe(model_dir, tmp_path, model={"load_in_4bit": True}, deepspeed=zero3))
     no_gather = tmp_path / "zero3-no-gather.json"
     config = json.loads(open(zero3).read())

@@ -53,6 +53,12 @@ def plugin_spec():
         # partitions; partitioned.py maps them back to weights (tests/plugins/test_apollo_zero.py).
         # A 4-bit base has no full weights to train: APOLLO is a full-parameter optimizer.
         supports=frozenset({"ddp", "zero2", "zero3"}),
+        evidence={
+            "single": "tests/plugins/test_apollo.py::test_resume_is_exact_across_a_projection_refresh",
+            "ddp": "tests/plugins/test_apollo.py::test_two_processes_ddp_equal_one_process",
+            "zero2": "tests/plugins/test_apollo_zero.py::test_zero_updates_equal_single_process_and_resume_exactly[2]",
+            "zero3": "tests/plugins/test_apollo_zero.py::test_zero_updates_equal_single_process_and_resume_exactly[3]",
+        },
     )
 
 

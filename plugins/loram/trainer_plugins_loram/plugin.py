@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from trainer_plugins import ConfigError, PluginSpec, hookimpl
-from trainer_plugins.spec import deepspeed_stage
 
 from .pruning import IMPORTANCE, INDEX_FILE, PROJECTIONS, Geometry, check_architecture, kept_count, parse_pruning
 
@@ -83,7 +82,16 @@ def plugin_spec():
         conflicts={"meft": "meft makes the full model reversible; loram trains LoRA on a pruned copy",
                    "lst": "lst trains a side network; loram trains LoRA on a pruned copy",
                    "sparse": "sparse prunes during full training; loram prunes once before training a LoRA"},
+        # QLoRAM with several processes is not tested yet, so refused; ZeRO-3 would quantise the pruned
+        # base on each device.
         supports=frozenset({"ddp", "zero2", "zero3", "4bit"}),
+        evidence={
+            "single": "tests/plugins/test_loram.py::test_resume_equals_the_uninterrupted_run",
+            "ddp": "tests/plugins/test_loram.py::test_two_processes_equal_one_process_and_save_a_complete_adapter[ddp]",
+            "zero2": "tests/plugins/test_loram.py::test_two_processes_equal_one_process_and_save_a_complete_adapter[2]",
+            "zero3": "tests/plugins/test_loram.py::test_two_processes_equal_one_process_and_save_a_complete_adapter[3]",
+            "4bit": "tests/plugins/test_loram.py::test_qloram_prunes_then_quantises_and_recovers",
+        },
     )
 
 
@@ -151,9 +159,6 @@ def validate(args, model_args, model_config):
                               "Align in 16/32 bits, then train QLoRAM with loram_pruned_model and load_in_4bit")
         if args.loram_merge:
             raise ConfigError("loram_merge merges a LoRA adapter; loram=align trains no adapter")
-    if four_bit and deepspeed_stage(args) == 3:
-        raise ConfigError("QLoRAM (load_in_4bit) under ZeRO-3 is not supported: the pruned base is quantised on each "
-                          "device. Use ZeRO-2 or DDP with 4-bit, or ZeRO-3 in 16 bits")
     if model_args is not None and getattr(model_args, "model_init", "pretrained") == "random":
         raise ConfigError("loram prunes a pretrained model; model_init=random has nothing to keep")
     if model_config is not None:

@@ -59,7 +59,15 @@ def plugin_spec():
         description="Ladder Side-Tuning: a small side network fed by a frozen backbone, no backprop through it",
         requires={"safetensors": "safetensors"},
         # 4-bit: the backbone is frozen, so it may be quantised (QST). ZeRO-3 partitions backbone and side alike.
+        # A 4-bit backbone with several processes is not tested yet, so refused.
         supports=frozenset({"ddp", "zero2", "zero3", "4bit"}),
+        evidence={
+            "single": "tests/plugins/test_lst.py::test_resume_equals_the_uninterrupted_run",
+            "ddp": "tests/plugins/test_lst.py::test_two_processes_equal_one_process_and_save_the_side_network[ddp]",
+            "zero2": "tests/plugins/test_lst.py::test_two_processes_equal_one_process_and_save_the_side_network[2]",
+            "zero3": "tests/plugins/test_lst.py::test_two_processes_equal_one_process_and_save_the_side_network[3]",
+            "4bit": "tests/plugins/test_lst.py::test_recipe_with_a_4bit_backbone_and_fisher_importance",
+        },
         conflicts={
             "meft": "MEFT makes the backbone's own layers trainable and reversible; LST freezes them",
             "loram": "LoRAM trains LoRA inside the (pruned) backbone; LST freezes the backbone",
@@ -127,9 +135,6 @@ def validate(args, model_args, model_config):
         raise ConfigError("lst under ZeRO-3 saves the side network from the gathered weights: set "
                           "zero_optimization.stage3_gather_16bit_weights_on_model_save true in the DeepSpeed config "
                           "(recipes/deepspeed/zero3.json does)")
-    if four_bit and stage is not None:
-        raise ConfigError("lst: a 4-bit backbone under DeepSpeed is not tested; use DDP (torchrun without "
-                          "deepspeed) with the 4-bit backbone, or ZeRO-2/3 with a 16-bit one")
     if model_config is not None:
         kind = families.family(getattr(model_config, "model_type", None))
         if fisher and kind == "encoder":

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from trainer_plugins import ConfigError, PluginSpec, hookimpl
-from trainer_plugins.spec import deepspeed_stage
 
 CONFIG_NAME = "meft_config.json"
 STREAM_DTYPES = ("float64", "float32", "model")
@@ -57,6 +56,12 @@ def plugin_spec():
         # 4-bit base: frozen, and re-running a layer dequantises the same packed weights, so the
         # reconstruction is as exact as in 16/32 bits (tested).
         supports=frozenset({"ddp", "zero2", "4bit"}),
+        evidence={
+            "single": "tests/plugins/test_meft.py::test_trains_resumes_exactly_and_reloads",
+            "ddp": "tests/plugins/test_meft.py::test_two_processes_equal_one_process[ddp]",
+            "zero2": "tests/plugins/test_meft.py::test_two_processes_equal_one_process[2]",
+            "4bit": "tests/plugins/test_meft.py::test_4bit_base_reconstructs_exactly",
+        },
         conflicts={"apollo": "MEFT trains adapters; APOLLO is a full-parameter optimizer"},
     )
 
@@ -87,9 +92,6 @@ def validate(args, model_args, model_config):
     if getattr(args, "gradient_checkpointing", False) or getattr(args, "activation_checkpointing", False):
         raise ConfigError("meft recomputes activations itself; activation (gradient) checkpointing would recompute "
                           "them twice: set activation_checkpointing false")
-    if getattr(model_args, "load_in_4bit", False) and deepspeed_stage(args) is not None:
-        raise ConfigError("meft: a 4-bit base under DeepSpeed is not tested; use DDP (torchrun without deepspeed) "
-                          "with the 4-bit base, or ZeRO-2 with a 16-bit one")
     if model_config is None:
         return
     model_type = getattr(model_config, "model_type", None)

@@ -1,7 +1,8 @@
-"""Run by torchrun (2 CPU processes, gloo) from test_meft.py: MEFT on a tiny Llama under DeepSpeed
-ZeRO-STAGE (or plain DDP) through the Trainer; writes the losses and saves the adapter.
+"""Run by torchrun (2 CPU processes, gloo): a tiny Llama (2 layers, seed 0) trained by PluginTrainer with
+the given flags under DeepSpeed ZeRO-STAGE or plain DDP, 2 examples per rank; writes the losses and
+saves the model (or adapter) to OUT_DIR. The reference is the same run in one process, 4 per batch.
 
-Usage: torchrun --nproc_per_node 2 meft_zero_worker.py STAGE|ddp OUT_DIR
+Usage: torchrun --nproc_per_node 2 trainer_worker.py STAGE|ddp OUT_DIR FLAGS_JSON
 """
 
 import importlib
@@ -15,17 +16,16 @@ importlib.import_module("deepspeed.comm.torch")
 sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # skip the CPU shm JIT build: gloo is enough
 
 from trainer_plugins import PluginTrainer, PluginTrainingArguments  # noqa: E402
-from helpers import counting_dataset, end_distributed, losses  # noqa: E402
-from test_meft import DISTRIBUTED, llama  # noqa: E402
+from helpers import counting_dataset, end_distributed, losses, tiny_llama  # noqa: E402
 
 
-def main(stage: str, out: str):
+def main(stage: str, out: str, flags: dict):
     ds = None
     if stage != "ddp":
         ds = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_clipping": "auto",
               "zero_optimization": {"stage": int(stage), "stage3_gather_16bit_weights_on_model_save": True}}
-    args = PluginTrainingArguments(output_dir=out, deepspeed=ds, **{**DISTRIBUTED, "per_device_train_batch_size": 2})
-    trainer = PluginTrainer(model=llama(2), args=args, train_dataset=counting_dataset())
+    args = PluginTrainingArguments(output_dir=out, deepspeed=ds, **{**flags, "per_device_train_batch_size": 2})
+    trainer = PluginTrainer(model=tiny_llama(), args=args, train_dataset=counting_dataset())
     trainer.train()
     trainer.save_model()
     if trainer.is_world_process_zero():
@@ -34,5 +34,5 @@ def main(stage: str, out: str):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))
     end_distributed()
