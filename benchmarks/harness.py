@@ -20,6 +20,15 @@ LST's GPU case (issue 6), against full fine-tuning (AdamW), LoRA r16 and QLoRA r
 
     python benchmarks/harness.py --shape 7b --methods adamw lora-r16 qlora-r16-peft lst lst-4bit \
         --out benchmarks/results/lst-7b-h100.json
+
+MEFT's GPU case (issue 7): activation memory (activation_gib: the step's peak above what was allocated
+before its forward) against LoRA with and without activation checkpointing and full fine-tuning, and
+its growth with depth (--layers):
+
+    python benchmarks/harness.py --shape 1b --methods adamw lora lora-checkpointing meft meft-fp32-streams \
+        --out benchmarks/results/meft-1b-h100.json
+    for n in 12 24 48; do python benchmarks/harness.py --shape 1b --layers $n --methods lora meft \
+        --out benchmarks/results/meft-1b-$n-layers-h100.json; done
 """
 
 from __future__ import annotations
@@ -146,6 +155,34 @@ def _lst(reduction=8, four_bit=False):
     return prepare
 
 
+def _meft(stream="float64", segment=4):
+    """MEFT1 on every layer (LoRA r8 on the 7 projections, adapter 8 in G, gamma 1/32): the defaults of
+    the plugin, streams in float64 (``stream``) stored every ``segment`` layers."""
+
+    def prepare(model):
+        from peft import LoraConfig, get_peft_model
+        from trainer_plugins_meft.llama import MeftSettings, add_adapters, convert
+
+        add_adapters(model, 8)
+        config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM", modules_to_save=["meft_adapter"],
+                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        model = get_peft_model(model, config)
+        dtype = None if stream == "model" else getattr(torch, stream)
+        return convert(model, MeftSettings(stream_dtype=dtype, segment=segment))
+
+    return prepare
+
+
+def _checkpointed(prepare):
+    def with_checkpointing(model):
+        model = prepare(model)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        return model
+
+    return with_checkpointing
+
+
 # name -> model transformation before the optimizer is built (default: none)
 PREPARE = {
     "lora-r16": _lora(rank=16),
@@ -157,6 +194,9 @@ PREPARE = {
     "loram-50": _lora(prune_ratio=0.5),
     "loram-65": _lora(prune_ratio=0.65),
     "qloram-65": _lora(prune_ratio=0.65, four_bit=True),
+    "lora-checkpointing": _checkpointed(_lora()),
+    "meft": _meft(),
+    "meft-fp32-streams": _meft(stream="float32"),
 }
 
 METHODS = {
@@ -193,8 +233,12 @@ def run_case(name: str, shape: dict, device: str, dtype: torch.dtype, warmup: in
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, before_last = [], None
     for i in range(warmup + steps):
+        if cuda and i == warmup + steps - 1:  # the last step alone: what its forward + backward add
+            torch.cuda.synchronize()
+            before_last, peak_so_far = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         loss = model(input_ids=tokens, labels=tokens).loss
         loss.backward()
@@ -205,9 +249,13 @@ def run_case(name: str, shape: dict, device: str, dtype: torch.dtype, warmup: in
         if i >= warmup:
             times.append(time.perf_counter() - start)
     step = statistics.median(times)
+    last_peak = torch.cuda.max_memory_allocated() if cuda else None
     result = {
         "method": name,
-        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+        "layers": shape["num_hidden_layers"],
+        "peak_gib": round(max(peak_so_far, last_peak) / 2**30, 3) if cuda else None,
+        # activations (and the gradients and optimizer transients of one step) above the resting state
+        "activation_gib": round((last_peak - before_last) / 2**30, 3) if cuda else None,
         "param_gib": round(param_bytes / 2**30, 3),
         "median_step_s": round(step, 5),
         "tokens_per_s": round(shape["batch"] * shape["seq"] / step, 1),
@@ -257,12 +305,13 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--layers", type=int, help="override the shape's number of layers (depth sweeps)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", type=Path, required=True, help="JSON file; the PNG goes next to it")
     ns = p.parse_args(argv)
     dtype = getattr(torch, ns.dtype or ("bfloat16" if ns.device.startswith("cuda") else "float32"))
-    shape = SHAPES[ns.shape]
+    shape = dict(SHAPES[ns.shape], **({"num_hidden_layers": ns.layers} if ns.layers else {}))
     results = [run_case(m, shape, ns.device, dtype, ns.warmup, ns.steps) for m in ns.methods]
     report = {
         "shape": ns.shape, "config": shape, "dtype": str(dtype).replace("torch.", ""),
