@@ -88,6 +88,12 @@ def cmd_train(ns) -> int:
     return 0
 
 
+def cmd_bench(ns) -> int:
+    from .bench import run
+
+    return run(ns)
+
+
 def cmd_matrix(ns) -> int:
     from . import matrix
 
@@ -144,6 +150,11 @@ def build_parser(host=None) -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved configuration; load no weights")
     p.set_defaults(func=cmd_train)
     sub.add_parser("doctor", help="versions, GPU, which plugins can run here").set_defaults(func=cmd_doctor)
+    p = sub.add_parser("bench", help="peak memory and step time of training methods vs baselines on one shape")
+    from .bench import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench)
     p = sub.add_parser("matrix", help="which plugin (and pair) works in which setup, and the tests that show it")
     p.add_argument("--markdown", action="store_true", help="the table as Markdown, each cell linked to its test")
     p.add_argument("--update-readme", metavar="README", help="write the Markdown table between its matrix markers")

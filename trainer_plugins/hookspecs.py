@@ -8,6 +8,7 @@ Order of a training run::
 
     plugin_spec                      at discovery: who the plugin is, its flags, what it needs
     register_commands                when the CLI starts
+    benchmark_methods                when `trainer-plugins bench` lists its methods (not in a training run)
     validate                         after the arguments are parsed, before any model is loaded
     load_model                       the recipe/CLI needs a model (first non-None result wins)
     prepare_model                    before the Trainer is built (each enabled plugin in turn)
@@ -17,8 +18,8 @@ Order of a training run::
     save_model                       whenever the Trainer writes model weights (checkpoints and final)
     export                           after the final save_model (not after checkpoints)
 
-Only the plugins the user enabled (their switch flag is on) are called, except for ``plugin_spec``
-and ``register_commands``; the host enforces this, so an implementation need not check its switch.
+Only the plugins the user enabled (their switch flag is on) are called, except for ``plugin_spec``,
+``register_commands`` and ``benchmark_methods``; the host enforces this, so an implementation need not check its switch.
 Hooks run in the order the plugins declare (``PluginSpec.run_after``), then by name; the host's
 built-in plugin runs last. An exception raised in a hook is re-raised as ``PluginError`` naming the
 plugin and the hook.
@@ -54,6 +55,15 @@ def register_commands(subparsers):
     and ``set_defaults(func=callable)``; the callable gets the parsed ``argparse.Namespace`` and
     returns an exit code. Names of built-in commands cannot be taken. Called for every installed
     plugin, enabled or not (a command must exist before any recipe is read).
+    """
+
+
+@hookspec
+def benchmark_methods():
+    """Training methods for ``trainer-plugins bench``: a dict ``name -> trainer_plugins.bench.BenchMethod``
+    (a ``prepare(model) -> model`` and/or an ``optimizer(model, lr)``), run on the same random-weight
+    Llama shapes as the baselines. Names must not collide with the baselines or other plugins' methods.
+    Called for every installed plugin, enabled or not.
     """
 
 

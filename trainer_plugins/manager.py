@@ -29,7 +29,7 @@ ONLY_ENV = "TRAINER_PLUGINS_ONLY"
 BUILTIN = "host"
 
 # Hooks called on every installed plugin; all others only on enabled ones.
-_ALWAYS_CALLED = {"plugin_spec", "register_commands"}
+_ALWAYS_CALLED = {"plugin_spec", "register_commands", "benchmark_methods"}
 
 
 def _env_list(name: str) -> set[str] | None:

@@ -250,6 +250,34 @@ def quantization_config(model_args: ModelArguments, zero3: bool = False):
     )
 
 
+def quantize_linears_4bit(model, quantization_config, device) -> None:
+    """Replace every ``nn.Linear`` inside the decoder layers (``...layers.N...``) with a bitsandbytes
+    ``Linear4bit`` on ``device``; embeddings, norms and the head stay in the compute dtype, as transformers'
+    4-bit loading leaves them, and nothing is up-cast to float32 (peft's prepare_model_for_kbit_training
+    memory trap)."""
+    import re
+
+    import bitsandbytes as bnb
+
+    qc = quantization_config
+    in_layer = re.compile(r"(^|\.)layers\.\d+\.")
+    targets = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and in_layer.search(name) and not isinstance(m, bnb.nn.Linear4bit)]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=qc.bnb_4bit_compute_dtype, compress_statistics=qc.bnb_4bit_use_double_quant,
+                              quant_type=qc.bnb_4bit_quant_type, quant_storage=qc.bnb_4bit_quant_storage, device="meta")
+        q.weight = bnb.nn.Params4bit(linear.weight.data.to(qc.bnb_4bit_compute_dtype).cpu(), requires_grad=False,
+                                     compress_statistics=qc.bnb_4bit_use_double_quant, quant_type=qc.bnb_4bit_quant_type,
+                                     quant_storage=qc.bnb_4bit_quant_storage, module=q).to(device)
+        if linear.bias is not None:
+            q.bias = torch.nn.Parameter(linear.bias.data.to(device, qc.bnb_4bit_compute_dtype), requires_grad=False)
+        setattr(model.get_submodule(parent_name), child, q)
+    model.to(device)
+    model.is_loaded_in_4bit = True
+
+
 def load_model(model_args: ModelArguments, *, zero3: bool = False):
     """Load the model the arguments describe. The caller seeds (model_init=random) and places it."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification

@@ -40,6 +40,15 @@ def register_commands(subparsers):
 
 
 @hookimpl
+def benchmark_methods():
+    from trainer_plugins.bench import BenchMethod
+
+    CALLS.append("benchmark_methods")
+    return {"probe-sgd": BenchMethod(optimizer=lambda model, lr: __import__("torch").optim.SGD(model.parameters(), lr=lr),
+                                     description="SGD, from the probe plugin")}
+
+
+@hookimpl
 def validate(args, model_config):
     CALLS.append("validate")
     if args.probe_scale <= 0:

@@ -24,6 +24,9 @@ def test_every_hookspec_is_documented():
 
 def test_every_hookspec_is_called_by_the_host(tmp_path, probe_host, tiny_model_dir):
     build_parser(probe_host).parse_args(["probe-hello"])
+    from trainer_plugins.bench import methods
+
+    assert "probe-sgd" in methods(probe_host)
     recipe = load_recipe({
         "model": {"model_name_or_path": tiny_model_dir},
         "data": {"dataset": "stdlib", "max_seq_length": 32, "max_train_samples": 8, "max_eval_samples": 4},

@@ -142,3 +142,10 @@ def install_layerwise_hooks(model, optimizer, trainer) -> None:
     model._apollo_layerwise_hooks = [
         p.register_post_accumulate_grad_hook(step_when_complete) for p in model.parameters() if p.requires_grad
     ]
+
+
+@hookimpl
+def benchmark_methods():
+    from .bench import METHODS
+
+    return METHODS

@@ -352,9 +352,9 @@ def load_model(args, model_args):
             state = prune(model, args, lambda: load_tokenizer(model_args), original)
     state.dtype = dtype
     if model_args.load_in_4bit:
-        from .storage import quantize_4bit
+        from trainer_plugins.models import quantize_linears_4bit
 
-        quantize_4bit(model, quantization_config(model_args), _device())
+        quantize_linears_4bit(model, quantization_config(model_args), _device())
         state.record["4bit"] = model_args.bnb_4bit_quant_type
     return model
 
@@ -459,3 +459,10 @@ def merge(state: LoramState, adapter_dir, target, tokenizer=None) -> None:
     if tokenizer is not None:
         tokenizer.save_pretrained(str(target))
     logger.info("loram: merged model written to %s", target)
+
+
+@hookimpl
+def benchmark_methods():
+    from .bench import METHODS
+
+    return METHODS

@@ -4,7 +4,8 @@ A structurally pruned model has different shapes per layer (the dense first/last
 which no transformers config can describe. We save it as the original config + the weights + the index
 file; loading builds the original architecture on the meta device, shrinks it with the index file and
 reads the weights into it, so only the pruned weights are ever in memory (a pruned 70B loads in the
-memory of its pruned size). 4-bit: the pruned projections are quantised one by one on the target device.
+memory of its pruned size). 4-bit: the host's quantize_linears_4bit quantises the pruned projections one by
+one on the target device.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ import os
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from .pruning import INDEX_FILE, PROJECTIONS, PruningPlan, decoder_layers
+from .pruning import INDEX_FILE, PruningPlan
 
 
 def is_pruned_model_dir(path) -> bool:
@@ -63,34 +63,6 @@ def save_plan(plan: PruningPlan, output_dir, record: dict) -> None:
     plan.save(Path(output_dir) / INDEX_FILE)
     with open(Path(output_dir) / "loram.json", "w") as f:
         json.dump({**record, "pruning": plan.summary()}, f, indent=2, default=str)
-
-
-def quantize_4bit(model, quantization_config, device: torch.device) -> None:
-    """Replace the decoder layers' projections with bitsandbytes ``Linear4bit`` (NF4/FP4) on ``device``;
-    embeddings, norms and the head stay in the compute dtype (as transformers' 4-bit loading does), and
-    nothing is up-cast to float32 (the prepare_model_for_kbit_training memory trap)."""
-    import bitsandbytes as bnb
-
-    qc = quantization_config
-    for layer in decoder_layers(model):
-        for parent in (layer.self_attn, layer.mlp):
-            for name in PROJECTIONS:
-                linear = getattr(parent, name, None)
-                if not isinstance(linear, nn.Linear):
-                    continue
-                q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                      compute_dtype=qc.bnb_4bit_compute_dtype, compress_statistics=qc.bnb_4bit_use_double_quant,
-                                      quant_type=qc.bnb_4bit_quant_type, quant_storage=qc.bnb_4bit_quant_storage,
-                                      device="meta")
-                q.weight = bnb.nn.Params4bit(linear.weight.data.to(qc.bnb_4bit_compute_dtype).cpu(), requires_grad=False,
-                                             compress_statistics=qc.bnb_4bit_use_double_quant,
-                                             quant_type=qc.bnb_4bit_quant_type, quant_storage=qc.bnb_4bit_quant_storage,
-                                             module=q).to(device)
-                if linear.bias is not None:
-                    q.bias = nn.Parameter(linear.bias.data.to(device, qc.bnb_4bit_compute_dtype), requires_grad=False)
-                setattr(parent, name, q)
-    model.to(device)
-    model.is_loaded_in_4bit = True
 
 
 def trainable_in_float32(model) -> None:

@@ -394,3 +394,10 @@ def load(model, side_dir, trainable: bool = False):
         for name in saved.get("head_modules", []):
             model.get_submodule(name).requires_grad_(True)
     return model
+
+
+@hookimpl
+def benchmark_methods():
+    from .bench import METHODS
+
+    return METHODS

@@ -206,3 +206,10 @@ def load(base_model, adapter_dir):
         gamma=config["gamma"], reversible_layers=None if config["reversible_layers"] < 0 else config["reversible_layers"],
         segment=config["segment_layers"] or None, stream_dtype=dtype, variant=variant,
         output=config.get("output", "chain")))
+
+
+@hookimpl
+def benchmark_methods():
+    from .bench import METHODS
+
+    return METHODS

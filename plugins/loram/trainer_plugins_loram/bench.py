@@ -1,0 +1,28 @@
+"""LoRAM's methods for `trainer-plugins bench`: LoRA r8 on a model pruned 50% / 65% (random structured
+scores: memory and speed do not depend on which units go), and QLoRAM (65%, NF4, LoRA factors in float32)."""
+
+from trainer_plugins.bench import BenchMethod, lora, nf4
+
+
+def _loram(ratio, four_bit=False):
+    def prepare(model):
+        from .pruning import structured_plan
+        from .storage import trainable_in_float32
+
+        structured_plan(model, ratio_attn=ratio, ratio_mlp=ratio, keep_first=4, keep_last=2,
+                        importance="random").apply(model)
+        if four_bit:
+            nf4(model)
+        model = lora()(model)
+        if four_bit:
+            trainable_in_float32(model)
+        return model
+
+    return prepare
+
+
+METHODS = {
+    "loram-50": BenchMethod(prepare=_loram(0.5), description="LoRAM: LoRA r8 on a 50% structurally pruned model"),
+    "loram-65": BenchMethod(prepare=_loram(0.65), description="LoRAM: LoRA r8 on a 65% structurally pruned model"),
+    "qloram-65": BenchMethod(prepare=_loram(0.65, four_bit=True), description="QLoRAM: 65% pruned, NF4, LoRA r8"),
+}

@@ -1,0 +1,278 @@
+"""``trainer-plugins bench``: memory and speed of training methods on one model shape, in one process, one
+after another, against the baselines in the same run.
+
+    trainer-plugins bench --shape 1b --methods adamw sgd apollo-torch apollo-mini --out results/apollo-1b.json
+
+Every case builds the same random-weight Llama of the chosen shape (memory and speed do not depend on the
+values), runs warm-up steps, then timed steps (forward + backward + optimizer step on random tokens), and
+records the peak memory allocated (torch.cuda.max_memory_allocated, reset once the model exists, so the build
+transient is excluded), what the last step's forward + backward add above the resting state
+(``activation_gib``), and the median step time. JSON with the device, date and command, ratios against the
+first method, and a PNG chart if matplotlib is installed.
+
+Baselines live here (full fine-tuning with fused AdamW, SGD, peft LoRA with and without activation
+checkpointing, peft QLoRA with its standard preparation, apollo-torch); each plugin adds its methods with
+the ``benchmark_methods`` hook (see ``BenchMethod``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+SHAPES = {  # Llama shapes from the issues; batch x sequence per step
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000, batch=2, seq=32),
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=32000, batch=4, seq=1024),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000, batch=1, seq=1024),
+    "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                num_key_value_heads=40, vocab_size=32000, batch=1, seq=1024),
+}
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class BenchMethod:
+    """A training method for the bench. ``prepare(model) -> model`` changes the model first (adapters,
+    pruning, 4-bit; default: none); ``optimizer(model, lr)`` builds the optimizer (default: fused AdamW
+    over the trainable parameters)."""
+
+    prepare: Optional[Callable] = None
+    optimizer: Optional[Callable] = None
+    description: str = ""
+
+
+def adamw_over_trainable(model, lr):
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(trainable, lr=lr, fused=trainable[0].device.type == "cuda")
+
+
+def decoder_linear_groups(model, **low_rank_kwargs):
+    """Two parameter groups: the decoder layers' linear weights (with ``low_rank_kwargs``) and the rest."""
+    targets = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers." in n]
+    ids = {id(p) for p in targets}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return [{"params": rest}, {"params": targets, **low_rank_kwargs}]
+
+
+def nf4(model):
+    """The decoder layers' projections in NF4 (double quantisation), the rest in the model's dtype."""
+    from transformers import BitsAndBytesConfig
+
+    from .models import quantize_linears_4bit
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=model.dtype, bnb_4bit_quant_storage=torch.uint8)
+    quantize_linears_4bit(model, config, model.device)
+    return model
+
+
+def lora(rank=8, four_bit=False, peft_kbit=False, checkpointing=False):
+    """peft LoRA on the 7 projections; ``four_bit`` + ``peft_kbit``: QLoRA with peft's standard preparation
+    (prepare_model_for_kbit_training: float32 non-quantised weights, activation checkpointing)."""
+
+    def prepare(model):
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if four_bit:
+            nf4(model)
+        if peft_kbit:
+            model = prepare_model_for_kbit_training(model)
+        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                                 target_modules=PROJECTIONS))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    return prepare
+
+
+def _apollo_torch(rank, scale, scale_type):
+    def build(model, lr):
+        from apollo_torch import APOLLOAdamW
+
+        return APOLLOAdamW(decoder_linear_groups(model, rank=rank, scale=scale, scale_type=scale_type,
+                                                 update_proj_gap=200, proj="random", proj_type="std"), lr=lr)
+
+    return build
+
+
+BASELINES = {
+    "adamw": BenchMethod(optimizer=lambda model, lr: torch.optim.AdamW(model.parameters(), lr=lr,
+                                                                       fused=model.device.type == "cuda"),
+                         description="full fine-tuning, torch AdamW (fused on CUDA)"),
+    "sgd": BenchMethod(optimizer=lambda model, lr: torch.optim.SGD(model.parameters(), lr=lr),
+                       description="full fine-tuning, SGD: no optimizer state (the floor)"),
+    "apollo-torch": BenchMethod(optimizer=_apollo_torch(256, 1.0, "channel"), description="apollo-torch, rank 256"),
+    "apollo-torch-mini": BenchMethod(optimizer=_apollo_torch(1, 128.0, "tensor"), description="apollo-torch Mini"),
+    "lora": BenchMethod(prepare=lora(), description="peft LoRA r8 on the 7 projections"),
+    "lora-r16": BenchMethod(prepare=lora(rank=16), description="peft LoRA r16"),
+    "lora-checkpointing": BenchMethod(prepare=lora(checkpointing=True), description="LoRA r8 + activation checkpointing"),
+    "qlora-peft": BenchMethod(prepare=lora(four_bit=True, peft_kbit=True), description="peft QLoRA r8 (NF4)"),
+    "qlora-r16-peft": BenchMethod(prepare=lora(rank=16, four_bit=True, peft_kbit=True), description="peft QLoRA r16"),
+}
+
+
+def methods(host=None) -> dict[str, BenchMethod]:
+    """The baselines, then every installed plugin's methods (``benchmark_methods`` hook)."""
+    from .errors import ConfigError
+    from .manager import get_host
+
+    out = dict(BASELINES)
+    for extra in (host or get_host()).call("benchmark_methods"):
+        for name, method in extra.items():
+            if name in out:
+                raise ConfigError(f"bench method {name!r} is defined twice")
+            out[name] = method
+    return out
+
+
+def build_model(shape: dict, device: str, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{k: v for k, v in shape.items() if k not in ("batch", "seq")},
+                         max_position_embeddings=max(shape["seq"], 128))
+    with torch.device(device):  # built where it runs, in its dtype: no fp32 copy on the host
+        return LlamaForCausalLM(config).to(dtype)
+
+
+def run_case(name: str, method: BenchMethod, shape: dict, device: str, dtype: torch.dtype, warmup: int,
+             steps: int) -> dict:
+    torch.manual_seed(0)
+    model = build_model(shape, device, dtype)
+    if method.prepare is not None:
+        model = method.prepare(model)
+    model.train()
+    optimizer = (method.optimizer or adamw_over_trainable)(model, 1e-4)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    tokens = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"]), device=device)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times, before_last, peak_so_far = [], 0, 0
+    for i in range(warmup + steps):
+        if cuda and i == warmup + steps - 1:  # the last step alone: what its forward + backward add
+            torch.cuda.synchronize()
+            before_last, peak_so_far = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    step = statistics.median(times)
+    last_peak = torch.cuda.max_memory_allocated() if cuda else None
+    result = {
+        "method": name,
+        "layers": shape["num_hidden_layers"],
+        "peak_gib": round(max(peak_so_far, last_peak) / 2**30, 3) if cuda else None,
+        # activations (and the gradients and optimizer transients of one step) above the resting state
+        "activation_gib": round((last_peak - before_last) / 2**30, 3) if cuda else None,
+        "param_gib": round(param_bytes / 2**30, 3),
+        "median_step_s": round(step, 5),
+        "tokens_per_s": round(shape["batch"] * shape["seq"] / step, 1),
+        "final_loss": round(float(loss.detach()), 4),
+    }
+    del model, optimizer, loss
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def with_ratios(results: list[dict]) -> list[dict]:
+    base = results[0]
+    for r in results:
+        r[f"step_vs_{base['method']}"] = round(r["median_step_s"] / base["median_step_s"], 3)
+        if r["peak_gib"] is not None:
+            r[f"peak_vs_{base['method']}"] = round(r["peak_gib"] / base["peak_gib"], 3)
+    return results
+
+
+def chart(report: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = report["results"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    names = [r["method"] for r in rows]
+    axes[0].barh(names, [r["peak_gib"] or 0 for r in rows])
+    axes[0].set_xlabel("peak memory allocated (GiB)")
+    axes[1].barh(names, [r["tokens_per_s"] for r in rows])
+    axes[1].set_xlabel("tokens / s")
+    fig.suptitle(f"{report['shape']} Llama shape, {report['device']} ({report['date']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    p.add_argument("--methods", nargs="+", help="default: all (baselines first); `--methods list` lists them")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                   help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--layers", type=int, help="override the shape's number of layers (depth sweeps)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--out", type=Path, help="JSON file; the PNG goes next to it")
+
+
+def run(ns, host=None) -> int:
+    from .errors import ConfigError
+
+    available = methods(host)
+    if ns.methods == ["list"]:
+        for name, method in available.items():
+            print(f"{name:24s} {method.description}")
+        return 0
+    chosen = ns.methods or list(available)
+    unknown = [m for m in chosen if m not in available]
+    if unknown:
+        raise ConfigError(f"unknown bench methods {unknown}; known: {', '.join(available)}")
+    if ns.out is None:
+        raise ConfigError("bench needs --out FILE.json")
+    dtype = getattr(torch, ns.dtype or ("bfloat16" if ns.device.startswith("cuda") else "float32"))
+    shape = dict(SHAPES[ns.shape], **({"num_hidden_layers": ns.layers} if ns.layers else {}))
+    results = [run_case(m, available[m], shape, ns.device, dtype, ns.warmup, ns.steps) for m in chosen]
+    report = {
+        "shape": ns.shape, "config": shape, "dtype": str(dtype).replace("torch.", ""),
+        "device": torch.cuda.get_device_name(0) if ns.device.startswith("cuda") else f"cpu ({platform.processor()})",
+        "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "warmup": ns.warmup, "steps": ns.steps, "results": with_ratios(results),
+    }
+    ns.out.parent.mkdir(parents=True, exist_ok=True)
+    ns.out.write_text(json.dumps(report, indent=2))
+    chart(report, ns.out.with_suffix(".png"))
+    for r in results:
+        print(json.dumps(r))
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
