@@ -20,7 +20,7 @@ MEFT's GPU case (issue 7): activation memory (activation_gib: the step's peak ab
 before its forward) against LoRA with and without activation checkpointing and full fine-tuning, and
 its growth with depth (--layers):
 
-    python benchmarks/harness.py --shape 1b --methods adamw lora lora-checkpointing meft meft-fp32-streams \
+    python benchmarks/harness.py --shape 1b --methods adamw lora lora-checkpointing meft \
         --out benchmarks/results/meft-1b-h100.json
     for n in 12 24 48; do python benchmarks/harness.py --shape 1b --layers $n --methods lora meft \
         --out benchmarks/results/meft-1b-$n-layers-h100.json; done

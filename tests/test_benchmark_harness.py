@@ -33,7 +33,7 @@ def test_depth_override_and_bad_input(tmp_path, capsys):
                 "--methods", "lora", "meft", "--out", str(out)]) == 0
     assert [r["layers"] for r in json.loads(out.read_text())["results"]] == [3, 3]
     assert cli(["bench", "--methods", "list"]) == 0
-    assert "meft-fp32-streams" in capsys.readouterr().out
+    assert "MEFT1, float64 streams every 4 layers" in capsys.readouterr().out
     assert cli(["bench", "--methods", "nope", "--out", str(out)]) == 2
     assert "unknown bench methods ['nope']" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="needs --out"):

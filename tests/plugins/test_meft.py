@@ -161,6 +161,7 @@ def test_trains_resumes_exactly_and_reloads(tmp_path):
     ({"gradient_checkpointing": True}, "activation \\(gradient\\) checkpointing"),
     ({"apollo": "mini"}, "conflicts|MEFT trains adapters"),
     ({"deepspeed": {"zero_optimization": {"stage": 3}}}, "does not support DeepSpeed ZeRO-3"),
+    ({"meft_gamma": 0.001, "meft_stream_dtype": "float32", "meft_segment_layers": 0}, "rounding grows to ~6e-02"),
 ])
 def test_bad_input(tmp_path, kw, message):
     a = PluginTrainingArguments(output_dir=str(tmp_path), **{"meft": "meft1", **kw})

@@ -109,6 +109,36 @@ def validate(args, model_args, model_config):
                                 or getattr(model_config, "add_cross_attention", False)):
         raise ConfigError(f"meft runs {model_type} as an encoder; this config is a decoder (is_decoder / "
                           "add_cross_attention), which needs a KV cache and cross-attention the couplings do not carry")
+    growth, divisions, stream = reconstruction_growth(args, model_args, getattr(model_config, "num_hidden_layers", 1))
+    if growth > 1e-3:
+        raise ConfigError(
+            f"meft: the backward would rebuild {divisions} divisions by gamma={args.meft_gamma:g} in a row on {stream} "
+            f"streams: rounding grows to ~{growth:.0e} of the values (measured on SmolLM2: such gradients are noise). "
+            "Store the streams more often (meft_segment_layers), use meft_stream_dtype float64, or a larger meft_gamma")
+
+
+# unit roundoff of the streams' dtype
+_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
+
+
+def reconstruction_growth(args, model_args, n_layers: int) -> tuple[float, int, str]:
+    """(rounding error a reconstruction can reach, relative; divisions by gamma in a row; stream dtype): each
+    rebuilt layer divides by gamma (meft3: twice), and the run of rebuilt layers is a segment (or all the
+    reversible layers when nothing is stored). A rough bound, but the measured cases agree with it
+    (README: float32 streams at gamma 1/32 fail from segments of 4 layers; float64 works)."""
+    from trainer_plugins.models import resolve_dtype
+
+    reversible = n_layers if args.meft_reversible_layers < 0 else min(args.meft_reversible_layers, n_layers)
+    run = min(args.meft_segment_layers or reversible, reversible)
+    divisions = run * (2 if args.meft == "meft3" else 1)
+    stream = args.meft_stream_dtype
+    if stream == "model":
+        stream = str(resolve_dtype(getattr(model_args, "dtype", "auto") or "auto")).replace("torch.", "")
+    try:
+        growth = _ROUNDOFF.get(stream, 2.0 ** -24) * (1 / args.meft_gamma) ** divisions
+    except OverflowError:
+        growth = float("inf")
+    return growth, divisions, stream
 
 
 def settings_of(args):
