@@ -82,15 +82,17 @@ def plugin_spec():
         conflicts={"meft": "meft makes the full model reversible; loram trains LoRA on a pruned copy",
                    "lst": "lst trains a side network; loram trains LoRA on a pruned copy",
                    "sparse": "sparse prunes during full training; loram prunes once before training a LoRA"},
-        # QLoRAM with several processes is not tested yet, so refused; ZeRO-3 would quantise the pruned
-        # base on each device.
-        supports=frozenset({"ddp", "zero2", "zero3", "4bit"}),
+        # QLoRAM with DDP / ZeRO-2: every rank prunes the same way and quantises its own copy. ZeRO-3 would
+        # have to partition 4-bit weights it did not create: refused.
+        supports=frozenset({"ddp", "zero2", "zero3", "4bit", "ddp+4bit", "zero2+4bit"}),
         evidence={
             "single": "tests/plugins/test_loram.py::test_resume_equals_the_uninterrupted_run",
             "ddp": "tests/plugins/test_loram.py::test_two_processes_equal_one_process_and_save_a_complete_adapter[ddp]",
             "zero2": "tests/plugins/test_loram.py::test_two_processes_equal_one_process_and_save_a_complete_adapter[2]",
             "zero3": "tests/plugins/test_loram.py::test_two_processes_equal_one_process_and_save_a_complete_adapter[3]",
             "4bit": "tests/plugins/test_loram.py::test_qloram_prunes_then_quantises_and_recovers",
+            "ddp+4bit": "tests/plugins/test_loram.py::test_qloram_with_two_processes_equals_one_process[ddp]",
+            "zero2+4bit": "tests/plugins/test_loram.py::test_qloram_with_two_processes_equals_one_process[2]",
         },
     )
 
