@@ -9,6 +9,12 @@
 Issue 3's bar: Mini's fine-tune eval loss within 2% of AdamW's (or better); APOLLO's pre-training loss <= AdamW's.
 
     python benchmarks/apollo_quality.py [--finetune-steps N] [--skip-train] [--out benchmarks/results/apollo_quality_cpu.json]
+
+With --finetune-lrs the fine-tunes alone run at each learning rate, for both optimizers, and the summary
+compares each at its best rate (AdamW's recipe rate need not be APOLLO-Mini's):
+
+    python benchmarks/apollo_quality.py --finetune-steps 30 --finetune-lrs 1e-4,3e-4,1e-3 \
+        --out benchmarks/results/apollo_finetune_lr_sweep_cpu.json
 """
 
 import argparse
@@ -37,15 +43,28 @@ def runs(finetune_steps):
     }
 
 
+def sweep(finetune_steps, lrs):
+    steps = ["--max_steps", str(finetune_steps)] if finetune_steps else []
+    out = {}
+    for lr in lrs:
+        out[f"finetune/adamw@{lr:g}"] = [FINETUNE, "--learning_rate", str(lr), "--output_dir",
+                                         f"outputs/apollo-sweep-adamw-{lr:g}", *steps]
+        out[f"finetune/apollo-mini@{lr:g}"] = [FINETUNE, "--apollo", "mini", "--learning_rate", str(lr), "--output_dir",
+                                               f"outputs/apollo-sweep-mini-{lr:g}", *steps]
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--finetune-steps", type=int, help="max_steps of the fine-tunes (default: the recipe's 60)")
     parser.add_argument("--skip-train", action="store_true", help="only collect the outputs of earlier runs")
+    parser.add_argument("--finetune-lrs", help="comma-separated learning rates: only the fine-tunes, at each rate")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "apollo_quality_cpu.json"))
     ns = parser.parse_args()
     result = {"device": f"CPU ({platform.processor() or platform.machine()})", "date": time.strftime("%Y-%m-%d"),
               "runs": {}}
-    for name, argv in runs(ns.finetune_steps).items():
+    lrs = [float(x) for x in ns.finetune_lrs.split(",")] if ns.finetune_lrs else None
+    for name, argv in (sweep(ns.finetune_steps, lrs) if lrs else runs(ns.finetune_steps)).items():
         if not ns.skip_train:
             subprocess.run([sys.executable, "-m", "trainer_plugins", "train", *argv], cwd=ROOT, check=True)
         out = json.loads((ROOT / argv[argv.index("--output_dir") + 1] / "results.json").read_text())
@@ -53,6 +72,13 @@ def main():
                                 "after": out["after"], "train": out["train"],
                                 "optimizer_state_bytes": (out.get("memory") or {}).get("optimizer_state_bytes")}
     loss = {name: r["after"]["eval_loss"] for name, r in result["runs"].items()}
+    if lrs:
+        best = {opt: min((loss[f"finetune/{opt}@{lr:g}"], lr) for lr in lrs) for opt in ("adamw", "apollo-mini")}
+        result["summary"] = {"best": {opt: {"eval_loss": v, "learning_rate": lr} for opt, (v, lr) in best.items()},
+                             "mini_best_vs_adamw_best": best["apollo-mini"][0] / best["adamw"][0], "eval_loss": loss}
+        print(json.dumps(result["summary"], indent=2))
+        Path(ns.out).write_text(json.dumps(result, indent=2) + "\n")
+        return
     result["summary"] = {
         "finetune_mini_vs_adamw": loss["finetune/apollo-mini"] / loss["finetune/adamw"],
         "pretrain_apollo_vs_adamw": loss["pretrain/apollo-r64"] / loss["pretrain/adamw"],

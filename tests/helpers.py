@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from trainer_plugins.cli import end_distributed  # noqa: F401  (for the torchrun workers)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -73,17 +75,6 @@ def two_processes_equal_one(tmp_path, stage, flags: dict, weights_file: str) -> 
     for key in ours:  # within the loss tolerance's drift (reduction order, see test_sparse)
         torch.testing.assert_close(ours[key], reference[key], rtol=1e-3, atol=1e-4)
     return json.loads((out / "record.json").read_text())["losses"], losses(plain)
-
-
-def end_distributed() -> None:
-    """End a torchrun worker's process group before the interpreter exits: left to teardown, gloo's threads
-    are sometimes destroyed still running and the process aborts ("terminate called without an active
-    exception") after its work is done, failing the run."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def free_port() -> int:

@@ -85,7 +85,20 @@ def cmd_train(ns) -> int:
         print(yaml.safe_dump(resolved_config(recipe), sort_keys=False))
         return 0
     run_recipe(recipe)
+    end_distributed()
     return 0
+
+
+def end_distributed() -> None:
+    """End the process group of a finished distributed run (torchrun / accelerate launch) before the
+    interpreter exits: left to teardown, gloo's threads are sometimes destroyed while still running and
+    the process aborts ("terminate called without an active exception") after its work is done, which
+    fails the whole launch."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def cmd_bench(ns) -> int:

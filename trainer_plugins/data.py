@@ -228,14 +228,7 @@ def _labelled_corpus(a: DataArguments, num_labels: int) -> _Corpus:
     """Rows of (text, label) from a JSON(L) file or a Hugging Face dataset."""
     path = _local_path(a.dataset)
     if path is None:
-        import datasets
-
-        where = f"Hugging Face dataset '{a.dataset}'"
-        try:
-            rows = datasets.load_dataset(a.dataset, a.dataset_config, split=a.dataset_split)
-        except (FileNotFoundError, ConnectionError, ValueError) as exc:
-            raise ConfigError(f"could not load {where} (config {a.dataset_config}, split {a.dataset_split}): "
-                              f"{exc}") from exc
+        rows, where = _hf_dataset(a)
         columns, name, split_key = rows.column_names, a.dataset, (lambda i: f"row {i}")
     else:
         where = str(path)
@@ -280,15 +273,20 @@ def _json_corpus(path: Path, a: DataArguments) -> _Corpus:
                    split_key=lambda i: json.dumps(rows[i][column], sort_keys=True))
 
 
-def _hf_corpus(a: DataArguments) -> _Corpus:
+def _hf_dataset(a: DataArguments):
+    """(the split of the Hugging Face dataset, how errors name it)."""
     import datasets
 
     where = f"Hugging Face dataset '{a.dataset}'"
     try:
-        ds = datasets.load_dataset(a.dataset, a.dataset_config, split=a.dataset_split)
+        return datasets.load_dataset(a.dataset, a.dataset_config, split=a.dataset_split), where
     except (FileNotFoundError, ConnectionError, ValueError) as exc:
         raise ConfigError(f"could not load {where} (config {a.dataset_config}, split {a.dataset_split}): "
                           f"{exc}") from exc
+
+
+def _hf_corpus(a: DataArguments) -> _Corpus:
+    ds, where = _hf_dataset(a)
     column, is_chat = _pick_column(ds.column_names, a, where)
     # Keyed by row index: hashing content would read every row, and the caps are there to avoid that.
     return _Corpus(a.dataset, is_chat, list(range(len(ds))),

@@ -28,10 +28,10 @@ def rows(host) -> list[dict]:
         cells = host.pair_cells(a, b)
         # each plugin's own limits apply to the pair too
         works = cells & supported_cells(host.specs[a]) & supported_cells(host.specs[b])
-        evidence = {**{k: v for k, v in host.specs[b].evidence.items()}, **host.specs[a].evidence}
-        out.append({"name": f"{a} + {b}", "cells": {
-            c: {"works": c in works, "evidence": evidence.get(f"{b}@{c}") or evidence.get(f"{a}@{c}")}
-            for c in CELLS}})
+        def evidence(c):  # declared by either side, under the other's name
+            return host.specs[a].evidence.get(f"{b}@{c}") or host.specs[b].evidence.get(f"{a}@{c}")
+
+        out.append({"name": f"{a} + {b}", "cells": {c: {"works": c in works, "evidence": evidence(c)} for c in CELLS}})
     return out
 
 

@@ -168,11 +168,8 @@ def _task_type(model):
 def lora_config(args, model):
     from peft import LoraConfig
 
-    from . import encoder
-
     targets = args.meft_lora_target_modules
-    with_adapter = args.meft_adapter_dim and (family_of(model.config.model_type) == "decoder"
-                                              or encoder.needs_adapter(args.meft))
+    with_adapter = _uses_adapter(model, args.meft, args.meft_adapter_dim)
     return LoraConfig(
         r=args.meft_lora_r, lora_alpha=args.meft_lora_alpha, lora_dropout=args.meft_lora_dropout,
         target_modules=targets if targets == "all-linear" else targets.split(","),
@@ -186,12 +183,16 @@ def _family_module(model):
     return llama if family_of(model.config.model_type) == "decoder" else encoder
 
 
-def _add_adapters(model, variant, dim):
+def _uses_adapter(model, variant, dim) -> bool:
+    """Whether the couplings have a RevAdapter: decoders (in G) and meft1/meft2 encoders, unless dim is 0."""
     from . import encoder
 
-    family = _family_module(model)
-    if dim and (family is not encoder or encoder.needs_adapter(variant)):
-        family.add_adapters(model, dim)
+    return bool(dim) and (_family_module(model) is not encoder or encoder.needs_adapter(variant))
+
+
+def _add_adapters(model, variant, dim):
+    if _uses_adapter(model, variant, dim):
+        _family_module(model).add_adapters(model, dim)
 
 
 @hookimpl
