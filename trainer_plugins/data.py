@@ -242,6 +242,8 @@ def _labelled_corpus(a: DataArguments, num_labels: int) -> _Corpus:
 
     def read(i):
         row = rows[i]
+        if a.text_field not in row or a.label_field not in row:  # JSON rows need not share their keys
+            raise ConfigError(f"{where} row {i} has no '{a.text_field}' or no '{a.label_field}' field")
         text, label = row[a.text_field], row[a.label_field]
         if not isinstance(text, str):
             raise ConfigError(f"{where} row {i}: text must be a string, got {type(text).__name__}")

@@ -79,9 +79,12 @@ def test_bad_input_is_refused_before_loading(tiny_bert, tokenizer_dir, labelled,
 @pytest.mark.parametrize("row, message", [
     ({"text": "def f():", "label": 2}, r"label must be an integer in \[0, 2\)"),
     ({"text": "def f():", "category": 0}, "has no 'label' field"),
+    ({"text": "def f():", "label": 0, "second": {"text": "class A:"}}, "row 1 has no 'text' or no 'label' field"),
 ])
 def test_bad_rows_name_the_problem(tiny_bert, tokenizer_dir, tmp_path, row, message):
     path = tmp_path / "rows.jsonl"
-    path.write_text(json.dumps(row) + "\n" + json.dumps({**row, "text": "class A:"}))
+    row = dict(row)
+    second = row.pop("second", None) or {**row, "text": "class A:"}
+    path.write_text(json.dumps(row) + "\n" + json.dumps(second))
     with pytest.raises(ConfigError, match=message):
         run_recipe(load_recipe(recipe(tiny_bert, tokenizer_dir, str(path), tmp_path / "out")))
