@@ -14,13 +14,10 @@ Trainable parameter counts come from each run's memory report.
 import argparse
 import json
 import math
-import platform
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from recipe_runs import ROOT, run_recipes
+
 LST = "recipes/smollm2-135m/lst.yaml"
 LORA = "recipes/smollm2-135m/loram.yaml"
 RUNS = {
@@ -44,20 +41,7 @@ def main():
     parser.add_argument("--steps", type=int, help="max_steps of every run (default: the recipes' 60)")
     parser.add_argument("--only", nargs="*", help="run only these (the others are read from earlier outputs)")
     ns = parser.parse_args()
-    result = {"device": f"CPU ({platform.processor() or platform.machine()})", "date": time.strftime("%Y-%m-%d"),
-              "commands": {}, "runs": {}}
-    for name, argv in RUNS.items():
-        argv = argv + (["--max_steps", str(ns.steps)] if ns.steps else [])
-        result["commands"][name] = "trainer-plugins train " + " ".join(argv)
-        if not ns.skip_train and (not ns.only or name in ns.only):
-            subprocess.run([sys.executable, "-m", "trainer_plugins", "train", *argv], cwd=ROOT, check=True)
-        out = ROOT / argv[argv.index("--output_dir") + 1]
-        run = json.loads((out / "results.json").read_text())
-        result["runs"][name] = {
-            "before": run["before"], "after": run["after"], "train": run["train"],
-            "trainable_parameters": (run.get("memory") or {}).get("trainable_parameters"),
-            "sample_after": run.get("sample_after"),
-        }
+    result = run_recipes(RUNS, ns.steps, ns.skip_train, ns.only)
     runs = result["runs"]
     table = {"untouched": point(runs["lst_r8_pruned"]["before"]["eval_loss"])}
     for name, run in runs.items():

@@ -53,6 +53,18 @@ def tiny_llama(layers: int = 2):
     return LlamaForCausalLM(tiny_llama_config(num_hidden_layers=layers))
 
 
+def perturb_trainable(model, std: float = 0.05, seed: int = 1):
+    """Draw every trainable parameter from N(0, std²): adapters whose up-projection (LoRA B) starts at 0
+    then carry gradient on every path. Returns the model in training mode."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, std, generator=g)
+    return model.train()
+
+
 def two_processes_equal_one(tmp_path, stage, flags: dict, weights_file: str) -> tuple[list, list]:
     """Train the tiny Llama with ``flags`` in one process (batch 4) and in two (torchrun, 2 per rank, DDP
     or ZeRO-``stage``); returns both loss curves after checking the saved ``weights_file`` agrees."""

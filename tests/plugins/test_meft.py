@@ -11,7 +11,7 @@ from trainer_plugins import ConfigError, PluginConfigError, PluginTrainer, Plugi
 from trainer_plugins.models import tiny_llama_config
 from trainer_plugins_meft import plugin as meft_plugin
 from trainer_plugins_meft.llama import MeftSettings, convert
-from helpers import ROOT, counting_dataset, losses
+from helpers import ROOT, counting_dataset, losses, perturb_trainable
 
 IDS = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(3))
 COMMON = dict(per_device_train_batch_size=4, logging_steps=1, report_to=[], use_cpu=True, seed=0,
@@ -31,12 +31,7 @@ def prepared(a, layers=4, perturb=True):
     """A MEFT model; with ``perturb`` the LoRA B and adapter up-projections are non-zero, so every
     trainable parameter gets a gradient and the two streams really differ."""
     model = meft_plugin.prepare_model(llama(layers), a)
-    if perturb:
-        g = torch.Generator().manual_seed(1)
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data.normal_(0, 0.05, generator=g)
-    return model.train()
+    return perturb_trainable(model) if perturb else model.train()
 
 
 def gradients(model):
@@ -202,12 +197,7 @@ def test_4bit_base_reconstructs_exactly(tiny_model_dir):
     pytest.importorskip("bitsandbytes")
 
     def model(**kw):
-        m = meft_plugin.prepare_model(four_bit_llama(tiny_model_dir), args(**kw))
-        g = torch.Generator().manual_seed(1)
-        for p in m.parameters():
-            if p.requires_grad:
-                p.data.normal_(0, 0.05, generator=g)
-        return m.train()
+        return perturb_trainable(meft_plugin.prepare_model(four_bit_llama(tiny_model_dir), args(**kw)))
 
     m = model()
     assert any(type(mod).__name__ == "Linear4bit" for mod in m.modules())

@@ -12,7 +12,7 @@ from trainer_plugins import ConfigError, PluginConfigError, PluginTrainer, Plugi
 from trainer_plugins_meft import plugin as meft_plugin
 from trainer_plugins_meft.encoder import add_adapters, convert
 from trainer_plugins_meft.reversible import MeftSettings
-from helpers import losses
+from helpers import losses, perturb_trainable
 
 IDS = torch.randint(5, 1000, (2, 16), generator=torch.Generator().manual_seed(3))
 LABELS = torch.tensor([0, 2])
@@ -38,12 +38,7 @@ def args(variant="meft1", **kw):
 
 def prepared(a, family="bert", layers=4, perturb=True):
     model = meft_plugin.prepare_model(classifier(family, layers), a)
-    if perturb:  # non-zero LoRA B and adapter up-projections: every trainable parameter gets a gradient
-        g = torch.Generator().manual_seed(1)
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data.normal_(0, 0.05, generator=g)
-    return model.train()
+    return perturb_trainable(model) if perturb else model.train()
 
 
 def gradients(model):
