@@ -12,12 +12,11 @@ run's memory report.
     python benchmarks/meft_quality.py [--steps N] [--skip-train] [--only NAME...] [--out PATH]
 """
 
-import argparse
 import json
 import math
 from pathlib import Path
 
-from recipe_runs import ROOT, run_recipes
+from recipe_runs import parse_arguments, run_recipes
 
 MEFT = "recipes/smollm2-135m/meft.yaml"
 LORA = "recipes/smollm2-135m/loram.yaml"
@@ -36,12 +35,7 @@ def point(loss):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--skip-train", action="store_true", help="only read the outputs of earlier runs")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "meft_quality_cpu.json"))
-    parser.add_argument("--steps", type=int, help="max_steps of every run (default: the recipes' 60)")
-    parser.add_argument("--only", nargs="*", help="run only these (the others are read from earlier outputs)")
-    ns = parser.parse_args()
+    ns = parse_arguments(__doc__.splitlines()[0], "meft_quality_cpu.json")
     result = run_recipes(RUNS, ns.steps, ns.skip_train, ns.only)
     runs = result["runs"]
     table = {"untouched": point(runs["lora_r8"]["before"]["eval_loss"]),

@@ -11,6 +11,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def parse_arguments(description: str, result_name: str):
+    """The quality scripts' command line: --skip-train, --out (benchmarks/results/RESULT_NAME), --steps, --only."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--skip-train", action="store_true", help="only read the outputs of earlier runs")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / result_name))
+    parser.add_argument("--steps", type=int, help="max_steps of every run (default: the recipes' 60)")
+    parser.add_argument("--only", nargs="*", help="run only these (the others are read from earlier outputs)")
+    return parser.parse_args()
+
+
 def run_recipes(runs: dict, steps=None, skip_train=False, only=None) -> dict:
     """``runs``: name -> `trainer-plugins train` arguments (with --output_dir). Trains each (unless
     ``skip_train``, or ``only`` names others), then returns the device, date, the exact commands and

@@ -65,6 +65,22 @@ def perturb_trainable(model, std: float = 0.05, seed: int = 1):
     return model.train()
 
 
+def saved_tensor_bytes(forward) -> int:
+    """Bytes of the tensors autograd saves for backward while ``forward()`` runs (the activations kept)."""
+    import torch
+
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return total
+
+
 def two_processes_equal_one(tmp_path, stage, flags: dict, weights_file: str) -> tuple[list, list]:
     """Train the tiny Llama with ``flags`` in one process (batch 4) and in two (torchrun, 2 per rank, DDP
     or ZeRO-``stage``); returns both loss curves after checking the saved ``weights_file`` agrees."""

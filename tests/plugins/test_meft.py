@@ -11,7 +11,7 @@ from trainer_plugins import ConfigError, PluginConfigError, PluginTrainer, Plugi
 from trainer_plugins.models import tiny_llama_config
 from trainer_plugins_meft import plugin as meft_plugin
 from trainer_plugins_meft.llama import MeftSettings, convert
-from helpers import ROOT, counting_dataset, losses, perturb_trainable
+from helpers import ROOT, counting_dataset, losses, perturb_trainable, saved_tensor_bytes
 
 IDS = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(3))
 COMMON = dict(per_device_train_batch_size=4, logging_steps=1, report_to=[], use_cpu=True, seed=0,
@@ -74,16 +74,7 @@ def test_partial_reversibility_and_fp32_error_growth():
 
 def test_only_outputs_are_stored_not_activations():
     def saved_bytes(model):
-        total = 0
-
-        def pack(t):
-            nonlocal total
-            total += t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(IDS, labels=IDS).loss
-        return total
+        return saved_tensor_bytes(lambda: model(IDS, labels=IDS))
 
     def per_4_layers(**kw):  # what 4 more layers add to the saved tensors (the head's logits etc. cancel)
         return saved_bytes(prepared(args(**kw), layers=8)) - saved_bytes(prepared(args(**kw), layers=4))

@@ -12,7 +12,7 @@ from trainer_plugins import ConfigError, PluginConfigError, PluginTrainer, Plugi
 from trainer_plugins_meft import plugin as meft_plugin
 from trainer_plugins_meft.encoder import add_adapters, convert
 from trainer_plugins_meft.reversible import MeftSettings
-from helpers import losses, perturb_trainable
+from helpers import losses, perturb_trainable, saved_tensor_bytes
 
 IDS = torch.randint(5, 1000, (2, 16), generator=torch.Generator().manual_seed(3))
 LABELS = torch.tensor([0, 2])
@@ -109,16 +109,7 @@ def test_fp32_streams_at_the_papers_gamma_lose_meft3_and_segments_bound_it():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_only_outputs_are_stored_not_activations(variant):
     def saved_bytes(model):
-        total = 0
-
-        def pack(t):
-            nonlocal total
-            total += t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(IDS, labels=LABELS)
-        return total
+        return saved_tensor_bytes(lambda: model(IDS, labels=LABELS))
 
     def per_4_layers(**kw):
         return (saved_bytes(prepared(args(variant, **kw), layers=8))
