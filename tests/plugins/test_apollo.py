@@ -2,25 +2,18 @@
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
 
 from trainer_plugins import ConfigError, PluginConfigError, PluginTrainer, PluginTrainingArguments
-from trainer_plugins.models import tiny_llama_config
 from trainer_plugins_apollo import APOLLO
-from helpers import counting_dataset, losses
+from helpers import counting_dataset, losses, tiny_llama
 
 COMMON = dict(per_device_train_batch_size=4, logging_steps=1, report_to=[], use_cpu=True, seed=0,
               learning_rate=1e-2, save_strategy="no", disable_tqdm=True, weight_decay=0.1)
 
 
-def model():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(tiny_llama_config())
-
-
 def test_mini_builds_apollo_with_adamw_groups_and_trains(tmp_path):
     args = PluginTrainingArguments(output_dir=str(tmp_path), apollo="mini", max_steps=30, **COMMON)
-    trainer = PluginTrainer(model=model(), args=args, train_dataset=counting_dataset())
+    trainer = PluginTrainer(model=tiny_llama(), args=args, train_dataset=counting_dataset())
     trainer.train()
     opt = trainer.optimizer.optimizer
     assert isinstance(opt, APOLLO)
@@ -39,7 +32,7 @@ def test_mini_builds_apollo_with_adamw_groups_and_trains(tmp_path):
 def test_target_modules_and_overrides(tmp_path, token_dataset):
     args = PluginTrainingArguments(output_dir=str(tmp_path), apollo="apollo", apollo_rank=4,
                                    apollo_target_modules="q_proj,v_proj", max_steps=2, **COMMON)
-    trainer = PluginTrainer(model=model(), args=args, train_dataset=token_dataset)
+    trainer = PluginTrainer(model=tiny_llama(), args=args, train_dataset=token_dataset)
     trainer.train()
     low_rank = next(g for g in trainer.optimizer.optimizer.param_groups if "rank" in g)
     assert (low_rank["rank"], low_rank["scale_type"]) == (4, "channel") and len(low_rank["params"]) == 4
@@ -48,13 +41,13 @@ def test_target_modules_and_overrides(tmp_path, token_dataset):
 def test_resume_is_exact_across_a_projection_refresh(tmp_path, token_dataset):
     kw = dict(apollo="apollo", apollo_rank=4, apollo_update_proj_gap=6, max_steps=20, save_strategy="steps",
               save_steps=10, **{k: v for k, v in COMMON.items() if k != "save_strategy"})
-    full = PluginTrainer(model=model(), args=PluginTrainingArguments(output_dir=str(tmp_path / "a"), **kw),
+    full = PluginTrainer(model=tiny_llama(), args=PluginTrainingArguments(output_dir=str(tmp_path / "a"), **kw),
                          train_dataset=token_dataset)
     full.train()
-    cut = PluginTrainer(model=model(), args=PluginTrainingArguments(output_dir=str(tmp_path / "b"), **kw),
+    cut = PluginTrainer(model=tiny_llama(), args=PluginTrainingArguments(output_dir=str(tmp_path / "b"), **kw),
                         train_dataset=token_dataset)
     cut.train()
-    resumed = PluginTrainer(model=model(), args=PluginTrainingArguments(output_dir=str(tmp_path / "b"), **kw),
+    resumed = PluginTrainer(model=tiny_llama(), args=PluginTrainingArguments(output_dir=str(tmp_path / "b"), **kw),
                             train_dataset=token_dataset)
     resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-10"))
     assert losses(resumed) == pytest.approx(losses(full), abs=1e-6) and len(losses(full)) == 20
@@ -73,14 +66,14 @@ def test_resume_is_exact_across_a_projection_refresh(tmp_path, token_dataset):
 ])
 def test_bad_flags(tmp_path, kw, message):
     with pytest.raises(PluginConfigError, match=message):
-        PluginTrainer(model=model(), args=PluginTrainingArguments(output_dir=str(tmp_path), apollo="mini", **kw))
+        PluginTrainer(model=tiny_llama(), args=PluginTrainingArguments(output_dir=str(tmp_path), apollo="mini", **kw))
 
 
 def test_targets_matching_nothing(tmp_path, token_dataset):
     args = PluginTrainingArguments(output_dir=str(tmp_path), apollo="mini", apollo_target_modules="no_such_proj",
                                    max_steps=1, **COMMON)
     with pytest.raises(ConfigError, match="matches no trainable linear layer"):
-        PluginTrainer(model=model(), args=args, train_dataset=token_dataset).train()
+        PluginTrainer(model=tiny_llama(), args=args, train_dataset=token_dataset).train()
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -88,12 +81,12 @@ def test_zero_through_the_trainer_equals_plain(stage, tmp_path, deepspeed_env):
     """One process: ZeRO hands APOLLO flat partitions, the plugin maps them back to weights (ZeRO-3 also
     partitions the parameters before the optimizer is built). Two processes: test_apollo_zero.py."""
     kw = dict(apollo="apollo", apollo_rank=4, apollo_update_proj_gap=3, max_steps=6, **COMMON)
-    plain = PluginTrainer(model=model(), args=PluginTrainingArguments(output_dir=str(tmp_path / "a"), **kw),
+    plain = PluginTrainer(model=tiny_llama(), args=PluginTrainingArguments(output_dir=str(tmp_path / "a"), **kw),
                           train_dataset=counting_dataset())
     plain.train()
     ds = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_clipping": "auto",
           "zero_optimization": {"stage": stage}}
-    zero = PluginTrainer(model=model(), train_dataset=counting_dataset(),
+    zero = PluginTrainer(model=tiny_llama(), train_dataset=counting_dataset(),
                          args=PluginTrainingArguments(output_dir=str(tmp_path / "b"), deepspeed=ds, **kw))
     zero.train()
     inner = zero.optimizer
@@ -110,7 +103,7 @@ def test_layerwise_under_zero_is_refused(tmp_path, deepspeed_env):
     args = PluginTrainingArguments(output_dir=str(tmp_path), apollo="mini", apollo_layerwise=True, max_grad_norm=0.0,
                                    deepspeed=ds, use_cpu=True)
     with pytest.raises(PluginConfigError, match="apollo_layerwise .* under DeepSpeed ZeRO"):
-        PluginTrainer(model=model(), args=args)
+        PluginTrainer(model=tiny_llama(), args=args)
 
 
 def test_4bit_base_is_refused(tmp_path, tiny_model_dir):
@@ -125,10 +118,10 @@ def test_4bit_base_is_refused(tmp_path, tiny_model_dir):
 def test_layerwise_equals_the_plain_optimizer(tmp_path, accumulation):
     kw = dict(apollo="apollo", apollo_rank=4, apollo_update_proj_gap=5, max_steps=12, max_grad_norm=0.0,
               gradient_accumulation_steps=accumulation, **COMMON)
-    plain = PluginTrainer(model=model(), args=PluginTrainingArguments(output_dir=str(tmp_path / "a"), **kw),
+    plain = PluginTrainer(model=tiny_llama(), args=PluginTrainingArguments(output_dir=str(tmp_path / "a"), **kw),
                           train_dataset=counting_dataset())
     plain.train()
-    layerwise = PluginTrainer(model=model(), train_dataset=counting_dataset(),
+    layerwise = PluginTrainer(model=tiny_llama(), train_dataset=counting_dataset(),
                               args=PluginTrainingArguments(output_dir=str(tmp_path / "b"), apollo_layerwise=True, **kw))
     layerwise.train()
     assert losses(layerwise) == losses(plain) and len(losses(plain)) == 12
@@ -142,12 +135,12 @@ def test_layerwise_equals_the_plain_optimizer(tmp_path, accumulation):
 def test_layerwise_resume_is_exact(tmp_path):
     kw = dict(apollo="mini", apollo_layerwise=True, apollo_update_proj_gap=6, max_steps=20, max_grad_norm=0.0,
               save_strategy="steps", save_steps=10, **{k: v for k, v in COMMON.items() if k != "save_strategy"})
-    full = PluginTrainer(model=model(), args=PluginTrainingArguments(output_dir=str(tmp_path / "a"), **kw),
+    full = PluginTrainer(model=tiny_llama(), args=PluginTrainingArguments(output_dir=str(tmp_path / "a"), **kw),
                          train_dataset=counting_dataset())
     full.train()
-    PluginTrainer(model=model(), args=PluginTrainingArguments(output_dir=str(tmp_path / "b"), **kw),
+    PluginTrainer(model=tiny_llama(), args=PluginTrainingArguments(output_dir=str(tmp_path / "b"), **kw),
                   train_dataset=counting_dataset()).train()
-    resumed = PluginTrainer(model=model(), args=PluginTrainingArguments(output_dir=str(tmp_path / "b"), **kw),
+    resumed = PluginTrainer(model=tiny_llama(), args=PluginTrainingArguments(output_dir=str(tmp_path / "b"), **kw),
                             train_dataset=counting_dataset())
     resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-10"))
     assert losses(resumed) == pytest.approx(losses(full), abs=1e-6)
@@ -157,12 +150,12 @@ def test_layerwise_resume_is_exact(tmp_path):
 
 def test_layerwise_refusals(tmp_path, monkeypatch):
     with pytest.raises(PluginConfigError, match="cannot clip: set max_grad_norm 0"):
-        PluginTrainer(model=model(), args=PluginTrainingArguments(output_dir=str(tmp_path), apollo="mini",
+        PluginTrainer(model=tiny_llama(), args=PluginTrainingArguments(output_dir=str(tmp_path), apollo="mini",
                                                                   apollo_layerwise=True))
     args = PluginTrainingArguments(output_dir=str(tmp_path), apollo="mini", apollo_layerwise=True, max_grad_norm=0.0)
     monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun; validation runs before the Trainer is built
     with pytest.raises(PluginConfigError, match="single process only"):
-        PluginTrainer(model=model(), args=args)
+        PluginTrainer(model=tiny_llama(), args=args)
 
 
 @pytest.mark.slow

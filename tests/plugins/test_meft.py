@@ -8,19 +8,12 @@ import torch
 from transformers import LlamaForCausalLM
 
 from trainer_plugins import ConfigError, PluginConfigError, PluginTrainer, PluginTrainingArguments
-from trainer_plugins.models import tiny_llama_config
 from trainer_plugins_meft import plugin as meft_plugin
-from trainer_plugins_meft.llama import MeftSettings, convert
-from helpers import ROOT, counting_dataset, losses, perturb_trainable, saved_tensor_bytes
+from helpers import ROOT, counting_dataset, losses, perturb_trainable, saved_tensor_bytes, tiny_llama
 
 IDS = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(3))
 COMMON = dict(per_device_train_batch_size=4, logging_steps=1, report_to=[], use_cpu=True, seed=0,
               save_strategy="no", disable_tqdm=True)
-
-
-def llama(layers=4):
-    torch.manual_seed(0)
-    return LlamaForCausalLM(tiny_llama_config(num_hidden_layers=layers))
 
 
 def args(**kw):
@@ -30,7 +23,7 @@ def args(**kw):
 def prepared(a, layers=4, perturb=True):
     """A MEFT model; with ``perturb`` the LoRA B and adapter up-projections are non-zero, so every
     trainable parameter gets a gradient and the two streams really differ."""
-    model = meft_plugin.prepare_model(llama(layers), a)
+    model = meft_plugin.prepare_model(tiny_llama(layers), a)
     return perturb_trainable(model) if perturb else model.train()
 
 
@@ -90,7 +83,7 @@ def test_only_outputs_are_stored_not_activations():
 
 @pytest.mark.parametrize("gamma", [0.1, 0.01, 1e-4])
 def test_start_is_the_pretrained_model_up_to_gamma(gamma):
-    original = llama().eval()
+    original = tiny_llama(4).eval()
     with torch.no_grad():
         want = original(IDS).logits
         got = prepared(args(meft_gamma=gamma), perturb=False).eval()(IDS).logits
@@ -118,12 +111,12 @@ def test_trains_resumes_exactly_and_reloads(tmp_path):
     token_dataset = counting_dataset()
     kw = dict(max_steps=8, save_strategy="steps", save_steps=4, meft_lora_dropout=0.1, learning_rate=3e-2,
               **{k: v for k, v in COMMON.items() if k != "save_strategy"})
-    full = PluginTrainer(model=llama(2), train_dataset=token_dataset,
+    full = PluginTrainer(model=tiny_llama(2), train_dataset=token_dataset,
                          args=PluginTrainingArguments(output_dir=str(tmp_path / "a"), meft="meft1", **kw))
     full.train()
-    PluginTrainer(model=llama(2), train_dataset=token_dataset,
+    PluginTrainer(model=tiny_llama(2), train_dataset=token_dataset,
                   args=PluginTrainingArguments(output_dir=str(tmp_path / "b"), meft="meft1", **kw)).train()
-    resumed = PluginTrainer(model=llama(2), train_dataset=token_dataset,
+    resumed = PluginTrainer(model=tiny_llama(2), train_dataset=token_dataset,
                             args=PluginTrainingArguments(output_dir=str(tmp_path / "b"), meft="meft1", **kw))
     resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-4"))
     assert losses(resumed) == pytest.approx(losses(full), abs=1e-6) and len(losses(full)) == 8
@@ -134,7 +127,7 @@ def test_trains_resumes_exactly_and_reloads(tmp_path):
     full.save_model()  # final save: peft adapter (LoRA + G adapters) + meft_config.json
     out = tmp_path / "a"
     assert (out / "adapter_model.safetensors").is_file() and (out / "meft_config.json").is_file()
-    reloaded = meft_plugin.load(llama(2), str(out)).eval()
+    reloaded = meft_plugin.load(tiny_llama(2), str(out)).eval()
     full.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(IDS).logits, full.model(IDS).logits, rtol=0, atol=1e-6)
@@ -152,7 +145,7 @@ def test_trains_resumes_exactly_and_reloads(tmp_path):
 def test_bad_input(tmp_path, kw, message):
     a = PluginTrainingArguments(output_dir=str(tmp_path), **{"meft": "meft1", **kw})
     with pytest.raises(PluginConfigError, match=message):
-        PluginTrainer(model=llama(2), args=a)
+        PluginTrainer(model=tiny_llama(2), args=a)
 
 
 def test_unsupported_architecture(tmp_path):
