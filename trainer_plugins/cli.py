@@ -1,4 +1,4 @@
-"""``trainer-plugins``: list | train | doctor, plus the commands plugins register."""
+"""``trainer-plugins``: list | train | estimate | bench | matrix | doctor, plus the commands plugins register."""
 
 from __future__ import annotations
 
@@ -83,9 +83,28 @@ def cmd_train(ns) -> int:
             print(f"# model: {type(cfg).__name__} {getattr(cfg, 'model_type', '')}, "
                   f"{getattr(cfg, 'num_hidden_layers', '?')} layers, hidden {getattr(cfg, 'hidden_size', '?')}")
         print(yaml.safe_dump(resolved_config(recipe), sort_keys=False))
+        if cfg is not None:
+            from .estimate import estimate_recipe, format_estimate
+
+            print(format_estimate(estimate_recipe(recipe)))
         return 0
     run_recipe(recipe)
     end_distributed()
+    return 0
+
+
+def cmd_estimate(ns) -> int:
+    from .estimate import estimate_recipe, format_estimate
+    from .recipes import load_recipe
+
+    overrides = ns.overrides
+    import torch
+
+    if not torch.cuda.is_available():  # transformers refuses bf16/fp16 flags without a GPU; the dtype decides here
+        overrides = ["--bf16", "false", "--fp16", "false", *overrides]
+    recipe = load_recipe(ns.recipe, overrides, load_config=True)
+    report = estimate_recipe(recipe, world_size=ns.world_size)
+    print(json.dumps(report, indent=2) if ns.json else format_estimate(report))
     return 0
 
 
@@ -160,8 +179,14 @@ def build_parser(host=None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("train", help="train from a YAML recipe; --key value overrides any recipe key")
     p.add_argument("recipe")
-    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved configuration; load no weights")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, print the resolved configuration and the memory estimate; load no weights")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("estimate", help="predicted peak GPU memory of a recipe, per component; loads no weights")
+    p.add_argument("recipe")
+    p.add_argument("--world-size", type=int, help="GPUs of the launch (default: $WORLD_SIZE or 1)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (bytes)")
+    p.set_defaults(func=cmd_estimate)
     sub.add_parser("doctor", help="versions, GPU, which plugins can run here").set_defaults(func=cmd_doctor)
     p = sub.add_parser("bench", help="peak memory and step time of training methods vs baselines on one shape")
     from .bench import add_arguments
@@ -181,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     ns, rest = parser.parse_known_args(argv)
-    if ns.command == "train":
+    if ns.command in ("train", "estimate"):
         ns.overrides = rest
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -11,6 +11,7 @@ Order of a training run::
     benchmark_methods                when `trainer-plugins bench` lists its methods (not in a training run)
     validate                         after the arguments are parsed, before any model is loaded
     load_model                       the recipe/CLI needs a model (first non-None result wins)
+    estimate_model                   `trainer-plugins estimate` instead of load_model, on the meta device
     prepare_model                    before the Trainer is built (each enabled plugin in turn)
     callbacks                        when the Trainer is built
     metrics                          whenever the Trainer logs training metrics
@@ -87,6 +88,20 @@ def load_model(args, model_args):
     For plugins that must shape the model while loading it (a pruned base, a quantised backbone).
     The first non-None result wins; the host's default loader (HF directory, hub name, GGUF, 4-bit)
     runs last. Return a ``transformers.PreTrainedModel`` (or a ``torch.nn.Module`` that behaves like one).
+    """
+
+
+@hookspec(firstresult=True)
+def estimate_model(model, args, model_args):
+    """For ``trainer-plugins estimate`` (memory without weights): shape a meta-device model as your
+    ``load_model`` would, or return None if your ``load_model`` does not change what memory depends on.
+
+    ``model`` is what the default loader builds, on the meta device (shapes and dtypes, no values), before
+    4-bit quantisation. Return it pruned / quantised as ``load_model`` would return it (same shapes and
+    dtypes; values do not exist: pick units without reading them, as random scores would) and apply
+    ``trainer_plugins.models.quantize_linears_4bit`` yourself when ``model_args.load_in_4bit``. Your
+    ``prepare_model`` then runs on the result as in training, so it must accept a meta-device model
+    (skip initialisation that reads weights). The first non-None result wins.
     """
 
 

@@ -254,13 +254,24 @@ def quantize_linears_4bit(model, quantization_config, device) -> None:
     """Replace every ``nn.Linear`` inside the decoder layers (``...layers.N...``) with a bitsandbytes
     ``Linear4bit`` on ``device``; embeddings, norms and the head stay in the compute dtype, as transformers'
     4-bit loading leaves them, and nothing is up-cast to float32 (peft's prepare_model_for_kbit_training
-    memory trap)."""
+    memory trap). On the meta device (``trainer-plugins estimate``) they become ``Meta4bitLinear``, which
+    stores and allocates what ``Linear4bit`` would."""
     import re
-
-    import bitsandbytes as bnb
 
     qc = quantization_config
     in_layer = re.compile(r"(^|\.)layers\.\d+\.")
+    if any(p.is_meta for p in model.parameters()):
+        from .estimate import Meta4bitLinear
+
+        for name, linear in [(n, m) for n, m in model.named_modules()
+                             if type(m) is torch.nn.Linear and in_layer.search(n)]:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child,
+                    Meta4bitLinear(linear, qc.bnb_4bit_compute_dtype, qc.bnb_4bit_use_double_quant))
+        model.is_loaded_in_4bit = True
+        return
+    import bitsandbytes as bnb
+
     targets = [(name, m) for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and in_layer.search(name) and not isinstance(m, bnb.nn.Linear4bit)]
     for name, linear in targets:

@@ -45,6 +45,8 @@ def projection(shape: tuple[int, int], rank: int, seed: int, device, dtype) -> t
     """P for a weight of ``shape``: (rank, n) when m >= n, else (m, rank); fp32 draws, then ``dtype``."""
     m, n = shape
     size = (rank, n) if m >= n else (m, rank)
+    if torch.device(device).type == "meta":  # a memory estimate: only the shape matters
+        return torch.empty(size, device=device, dtype=dtype)
     g = torch.Generator(device=device).manual_seed(seed)
     p = torch.randn(size, generator=g, device=device, dtype=torch.float32) / math.sqrt(rank)
     return p.to(dtype)

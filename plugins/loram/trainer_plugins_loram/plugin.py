@@ -362,6 +362,32 @@ def load_model(args, model_args):
 
 
 @hookimpl
+def estimate_model(model, args, model_args):
+    """The pruned shapes on the meta device. Per-layer unit counts depend on the ratios, not on the scores,
+    so random scores stand in for calibration; an index file or an aligned pruned model gives its own."""
+    from pathlib import Path
+
+    from trainer_plugins.models import model_source, quantization_config, quantize_linears_4bit
+
+    from .pruning import PruningPlan, structured_plan
+
+    if args.loram_pruned_model or args.loram_indices:
+        plan = PruningPlan.load(args.loram_indices or Path(args.loram_pruned_model) / INDEX_FILE)
+    elif args.loram_pruning == "structured":
+        attn, mlp = ratios(args)
+        plan = structured_plan(model, ratio_attn=attn, ratio_mlp=mlp, keep_first=args.loram_keep_first_layers,
+                               keep_last=args.loram_keep_last_layers, importance="random", seed=args.seed)
+    else:  # 2:4 / unstructured masks keep every shape: nothing to apply
+        plan = PruningPlan(args.loram_pruning, Geometry.from_config(model.config))
+    if plan.structured:
+        plan.apply(model)
+    model._loram = LoramState(plan, model_source(model_args), dtype=next(model.parameters()).dtype)
+    if model_args.load_in_4bit:
+        quantize_linears_4bit(model, quantization_config(model_args), "meta")
+    return model
+
+
+@hookimpl
 def prepare_model(model, args):
     import torch
 

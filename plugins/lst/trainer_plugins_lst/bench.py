@@ -14,8 +14,10 @@ def _lst(reduction=8, four_bit=False):
             nf4(model)
         model.requires_grad_(False)
         side = build(model, SideSettings(reduction=reduction, layer_ids=list(range(model.config.num_hidden_layers))))
-        side.to(model.get_input_embeddings().weight.device)
-        init_random(model, side)
+        device = model.get_input_embeddings().weight.device
+        side.to(device)
+        if device.type != "meta":  # estimates run on the meta device: shapes only
+            init_random(model, side)
         attach(model, side, layers_of(model))
         return model
 

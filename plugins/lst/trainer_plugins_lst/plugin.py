@@ -231,6 +231,8 @@ def prepare_model(model, args):
         side = build(model, settings).to(_device_of(model))
         if args.lst_side_dir:
             record = {"init": f"from {args.lst_side_dir}"}
+        elif _device_of(model).type == "meta":
+            pass  # `trainer-plugins estimate`: shapes only, no weights to initialise from
         elif args.lst_init == "random":
             init_random(model, side)
         else:

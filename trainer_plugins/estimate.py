@@ -1,0 +1,491 @@
+"""Peak memory of a training step, predicted without loading weights: ``trainer-plugins estimate RECIPE``.
+
+The model is built on PyTorch's meta device (shapes and dtypes, no storage) the way training builds it:
+the default loader's architecture and dtype, 4-bit layers, then every enabled plugin (``estimate_model``
+where a plugin's ``load_model`` reshapes the model, then its usual ``prepare_model``) and its optimizer
+(``create_optimizer``, else the Trainer's ``optim``). Two training steps then run on it (forward, backward,
+optimizer step, ``zero_grad``) while a dispatch mode adds up the bytes of every tensor the operators create
+and subtracts them when they are freed: what the CUDA caching allocator reports as ``memory_allocated``.
+So activations, gradients, optimizer state and transients come from the code that trains, not from a
+formula per architecture: a plugin that changes what autograd keeps (a side network under no_grad,
+reversible layers, checkpointing) is measured as it runs. The peak of the second step is the steady state
+that ``torch.cuda.max_memory_allocated`` reports after a few steps.
+
+Where the meta device cannot follow the GPU, the run substitutes what the GPU does:
+- attention: fused kernels (flash / memory-efficient SDPA) keep q, k, v, the output and a float32
+  log-sum-exp per query, not the seq x seq scores that SDPA's reference path materialises on meta;
+- bitsandbytes 4-bit linears: packed uint8 weights + quantisation statistics, a dequantised weight alive
+  during each matmul (forward, and backward when the input needs a gradient), as bitsandbytes' MatMul4Bit;
+- fused optimizers run as their single-tensor form (same state; per-tensor temporaries).
+
+Not modelled: CUDA context and kernel workspaces (cuBLAS: tens of MiB), allocator fragmentation (the
+*reserved* memory above allocated), autocast's weight-cast cache when fp32 weights train with bf16=True.
+Under DDP and DeepSpeed ZeRO the simulated single-process figures are split per rank with ZeRO's
+partitioning rules (see ``distribute``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import weakref
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Callable, Optional
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+GiB = 2**30
+
+
+# -- the allocator's view -------------------------------------------------------------------------------
+class MemoryTracker(TorchDispatchMode):
+    """Live bytes of the tensors operators create (each storage once, until it is freed) and their peak.
+
+    Storages alive before the tracker starts (the weights) are known but not counted: views of them
+    (``weight.t()``) allocate nothing.
+    """
+
+    def __init__(self, resident=()):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._counted: set[int] = set()
+        self._known: set[int] = {t.untyped_storage()._cdata for t in resident}
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].is_meta:
+            # A value read on the host (.item(), a Python `if` on a tensor) has no data on meta: it reads as
+            # 1, so code that branches on values (norm limiters, all-ones mask checks) takes one branch.
+            return True if args[0].dtype == torch.bool else 1
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._track(t.untyped_storage())
+        return out
+
+    def _track(self, storage) -> None:
+        key = storage._cdata
+        if key in self._counted or key in self._known:
+            return
+        size = storage.nbytes()
+        self._counted.add(key)
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, key, size)
+
+    def _free(self, key: int, size: int) -> None:
+        self._counted.discard(key)
+        self.live -= size
+
+
+# -- what the meta device does differently from a GPU ------------------------------------------------------
+class _FusedAttention(torch.autograd.Function):
+    """Memory of a fused attention kernel: keeps q, k, v, the output and the float32 log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+
+def _meta_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, **kw):
+    if query.device.type != "meta":
+        return _sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                     enable_gqa=enable_gqa, **kw)
+    return _FusedAttention.apply(query, key, value)
+
+
+class _Dequantized4bitMatmul(torch.autograd.Function):
+    """bitsandbytes' 4-bit matmul (MatMul4Bit), memory-wise: a dequantised weight exists during the forward
+    matmul and, when the input needs a gradient, during the backward one; the input is not kept."""
+
+    @staticmethod
+    def forward(ctx, x, packed, shape, dtype):
+        ctx.shape, ctx.dtype = shape, dtype
+        return torch.nn.functional.linear(x.to(dtype), torch.empty(shape, dtype=dtype, device=x.device))
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        return grad.matmul(torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device)), None, None, None
+
+
+class Meta4bitLinear(torch.nn.Linear):
+    """A bitsandbytes ``Linear4bit`` on the meta device: packed uint8 weight (two values per byte) and its
+    quantisation statistics (absmax per 64 values: uint8 with double quantisation, float32 without; float32
+    per 256 absmax for the second level)."""
+
+    def __init__(self, linear: torch.nn.Linear, compute_dtype: torch.dtype, double_quant: bool):
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.compute_dtype = compute_dtype
+        numel = linear.in_features * linear.out_features
+        self.weight = torch.nn.Parameter(torch.empty((numel + 1) // 2, 1, dtype=torch.uint8, device="meta"),
+                                         requires_grad=False)
+        blocks = math.ceil(numel / 64)
+        absmax = torch.empty(blocks, dtype=torch.uint8 if double_quant else torch.float32, device="meta")
+        self.register_buffer("absmax", absmax, persistent=False)
+        self.register_buffer("absmax2", torch.empty(math.ceil(blocks / 256) if double_quant else 0, device="meta"),
+                             persistent=False)
+        self.bias = None if linear.bias is None else torch.nn.Parameter(
+            linear.bias.detach().to(compute_dtype), requires_grad=False)
+
+    def forward(self, x):
+        out = _Dequantized4bitMatmul.apply(x, self.weight, (self.out_features, self.in_features), self.compute_dtype)
+        return out if self.bias is None else out + self.bias
+
+
+_Generator = torch.Generator
+
+
+def _generator(device="cpu"):
+    return _Generator() if torch.device(device).type == "meta" else _Generator(device)
+
+
+@contextlib.contextmanager
+def meta_execution():
+    """Run a meta-device model as a GPU would allocate (fused attention, generators)."""
+    # Code that seeds a generator on the parameters' device (apollo-torch's projections) gets a CPU one:
+    # meta tensors draw from it without data.
+    patches = [(torch.nn.functional, "scaled_dot_product_attention", _meta_sdpa), (torch, "Generator", _generator)]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    try:
+        for obj, name, value in patches:
+            setattr(obj, name, value)
+        yield
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+
+
+# -- one simulated training run -----------------------------------------------------------------------------
+@dataclass
+class StepMemory:
+    """Bytes for one process, in the steady state (the second step)."""
+
+    weights: int  # parameters and buffers, as stored (4-bit packed)
+    trainable: int  # parameters that receive gradients (count)
+    parameters: int  # all parameters (count; packed 4-bit weights as their logical size)
+    gradients: int  # .grad of the trainable parameters after backward
+    optimizer_state: int
+    activations: int  # what the forward pass leaves alive for backward (saved tensors, logits, loss)
+    peak: int  # weights + the largest live total during the step
+    peak_phase: str  # forward, backward or optimizer
+    phases: dict = field(default_factory=dict)  # phase -> peak bytes (weights included)
+
+    def components(self) -> dict:
+        other = self.peak - self.weights - self.optimizer_state - self.gradients - self.activations
+        return {"weights": self.weights, "gradients": self.gradients, "optimizer_state": self.optimizer_state,
+                "activations": self.activations, "other": max(other, 0)}
+
+
+def logical_numel(p: torch.Tensor) -> int:
+    return 2 * p.numel() if p.dtype == torch.uint8 and p.dim() == 2 and p.shape[1] == 1 else p.numel()
+
+
+def simulate_training(model, optimizer, make_batch: Callable[[], dict], micro_batches: int = 1,
+                      steps: int = 2) -> StepMemory:
+    """Run ``steps`` optimizer steps of ``micro_batches`` forward/backward passes each on ``model`` (on the
+    meta device) and return the memory of the last step."""
+    resident = list(model.parameters()) + list(model.buffers())
+    weights = sum(t.numel() * t.element_size() for t in {id(t): t for t in resident}.values())
+    tracker = MemoryTracker(resident)
+    phases: dict[str, int] = {}
+    gradients = activations = 0
+    model.train()
+    with meta_execution(), tracker:
+        for step in range(steps):
+            last = step == steps - 1
+            tracker.reset_peak()
+            for micro in range(micro_batches):
+                batch = make_batch()
+                before = tracker.live
+                loss = model(**batch).loss
+                if last and micro == micro_batches - 1:
+                    phases["forward"] = max(phases.get("forward", 0), tracker.peak)
+                    activations = tracker.live - before
+                    tracker.reset_peak()
+                (loss / micro_batches).backward()
+                del loss, batch
+                if last:
+                    phases["backward"] = max(phases.get("backward", 0), tracker.peak)
+                    tracker.reset_peak()
+            if last:
+                gradients = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters()
+                                if p.grad is not None)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if last:
+                phases["optimizer"] = tracker.peak
+    from .memory import optimizer_state_bytes
+
+    phases = {k: v + weights for k, v in phases.items()}
+    peak_phase = max(phases, key=phases.get)
+    params = list(model.parameters())
+    return StepMemory(
+        weights=weights, trainable=sum(p.numel() for p in params if p.requires_grad),
+        parameters=sum(logical_numel(p) for p in params), gradients=gradients,
+        optimizer_state=optimizer_state_bytes(optimizer), activations=activations,
+        peak=phases[peak_phase], peak_phase=peak_phase, phases=phases,
+    )
+
+
+def language_model_batch(vocab_size: int, batch: int, seq: int, device="meta") -> Callable[[], dict]:
+    def make():
+        tokens = torch.zeros(batch, seq, dtype=torch.long, device=device)
+        return {"input_ids": tokens, "labels": tokens}
+
+    return make
+
+
+def classification_batch(batch: int, seq: int, device="meta") -> Callable[[], dict]:
+    def make():
+        return {"input_ids": torch.zeros(batch, seq, dtype=torch.long, device=device),
+                "attention_mask": torch.ones(batch, seq, dtype=torch.long, device=device),
+                "labels": torch.zeros(batch, dtype=torch.long, device=device)}
+
+    return make
+
+
+# -- a recipe, as training would build it -------------------------------------------------------------------
+def meta_model(model_config, model_args):
+    """The model the default loader would build, on the meta device, before any 4-bit quantisation."""
+    import transformers
+
+    from .models import num_labels_of, resolve_dtype
+
+    auto = transformers.AutoModelForCausalLM
+    kwargs = {}
+    if getattr(model_args, "task", "causal-lm") == "sequence-classification":
+        auto = transformers.AutoModelForSequenceClassification
+        model_config.num_labels = num_labels_of(model_args) or model_config.num_labels
+    if getattr(model_args, "attn_implementation", None):
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    with torch.device("meta"):
+        return auto.from_config(model_config, dtype=resolve_dtype(model_args.dtype),
+                                trust_remote_code=model_args.trust_remote_code, **kwargs)
+
+
+def _trainer_stand_in(args):
+    """What plugins' create_optimizer reads from the Trainer."""
+    from transformers import Trainer
+
+    return SimpleNamespace(args=args, optimizer=None, accelerator=SimpleNamespace(sync_gradients=True),
+                           get_decay_parameter_names=lambda model: Trainer.get_decay_parameter_names(None, model))
+
+
+def default_optimizer(model, args):
+    """The optimizer the Trainer builds from ``args.optim`` (fused kernels as their single-tensor form)."""
+    from transformers import Trainer
+
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    if kwargs.pop("fused", False):
+        kwargs["foreach"] = False
+    return cls([p for p in model.parameters() if p.requires_grad], **kwargs)
+
+
+def estimate_recipe(recipe, world_size: Optional[int] = None) -> dict:
+    """Predicted peak memory per GPU of training ``recipe`` (a ``load_recipe`` result with its model config)."""
+    import dataclasses
+
+    args, model_args, data_args = recipe.args, recipe.model_args, recipe.data_args
+    if model_args.dtype == "auto":  # what "auto" picks on a GPU, also when estimating on a CPU
+        model_args = dataclasses.replace(model_args, dtype="bfloat16")
+    host = args._host
+    if recipe.model_config is None:
+        from .errors import ConfigError
+
+        raise ConfigError("estimate needs the model's config (load the recipe with load_config=True)")
+    with _no_zero3_init():
+        return _estimate(recipe, args, model_args, data_args, host, world_size)
+
+
+@contextlib.contextmanager
+def _no_zero3_init():
+    """A ZeRO-3 TrainingArguments makes transformers build models inside deepspeed.zero.Init (partitioned,
+    needs a process group); the estimate builds the whole model on meta and partitions by formula."""
+    from transformers import modeling_utils
+
+    saved = modeling_utils.is_deepspeed_zero3_enabled
+    modeling_utils.is_deepspeed_zero3_enabled = lambda: False
+    try:
+        yield
+    finally:
+        modeling_utils.is_deepspeed_zero3_enabled = saved
+
+
+def _estimate(recipe, args, model_args, data_args, host, world_size) -> dict:
+    import copy
+
+    from .models import quantization_config
+    from .spec import deepspeed_stage
+
+    model = meta_model(copy.deepcopy(recipe.model_config), model_args)
+    shaped = host.call_first("estimate_model", args, model=model, model_args=model_args)
+    stage = deepspeed_stage(args)
+    if shaped is not None:
+        model = shaped
+    elif model_args.load_in_4bit:
+        from .models import quantize_linears_4bit
+
+        quantize_linears_4bit(model, quantization_config(model_args, zero3=stage == 3), "meta")
+    model, optimizer, make_batch = training_setup(recipe, model, "meta")
+    memory = simulate_training(model, optimizer, make_batch, micro_batches=min(args.gradient_accumulation_steps, 2))
+    world = world_size or int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    dtype_bytes = next((p.element_size() for p in model.parameters() if p.requires_grad), 4)
+    per_rank = distribute(memory, stage, world, dtype_bytes, largest_block_bytes(model))
+    batch, seq = args.per_device_train_batch_size, data_args.max_seq_length
+    return {
+        "model": type(model).__name__, "dtype": model_args.dtype, "parameters": memory.parameters,
+        "trainable_parameters": memory.trainable, "tokens_per_step": batch * seq, "micro_batch": [batch, seq],
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "gradient_checkpointing": bool(args.gradient_checkpointing),
+        "world_size": world, "zero_stage": stage,
+        "single_process": {**memory.components(), "peak": memory.peak, "peak_phase": memory.peak_phase,
+                           "phases": memory.phases},
+        "per_gpu": per_rank,
+    }
+
+
+def training_setup(recipe, model, device):
+    """What the Trainer does to a loaded model before its first step: the plugins' prepare_model, activation
+    checkpointing, the optimizer (a plugin's or the Trainer's); and a maker of micro-batches on ``device``."""
+    args, host = recipe.args, recipe.args._host
+    model = host.pipe("prepare_model", args, "model", model)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    optimizer = host.call_first("create_optimizer", args, model=model, trainer=_trainer_stand_in(args)) \
+        or default_optimizer(model, args)
+    batch, seq = args.per_device_train_batch_size, recipe.data_args.max_seq_length
+    if recipe.model_args.task == "sequence-classification":
+        return model, optimizer, classification_batch(batch, seq, device)
+    return model, optimizer, language_model_batch(model.config.vocab_size, batch, seq, device)
+
+
+def measure_recipe(recipe, steps: int = 2) -> dict:
+    """The real counterpart of ``estimate_recipe`` on this machine, one process: load the weights, prepare as
+    the estimate does, run ``steps`` steps and return the peak bytes allocated during the last one and the
+    weights' bytes. On a GPU: torch.cuda.max_memory_allocated; on a CPU: the allocator events the profiler
+    records (so the estimate can be checked without a GPU)."""
+    import json
+    import tempfile
+
+    args = recipe.args
+    model = args._host.call_first("load_model", args, model_args=recipe.model_args)
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    model.to(device)
+    model, optimizer, make_batch = training_setup(recipe, model, device)
+    model.train()
+    micro_batches = min(args.gradient_accumulation_steps, 2)
+
+    def step():
+        for _ in range(micro_batches):
+            (model(**make_batch()).loss / micro_batches).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(steps - 1):
+        step()
+    weights = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return {"device": torch.cuda.get_device_name(0), "peak": torch.cuda.max_memory_allocated(), "weights": weights}
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/timeline.raw.json"
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            prof.export_memory_timeline(path, device="cpu")
+        with open(path) as f:
+            _, sizes = json.load(f)
+    return {"device": "cpu", "peak": max(sum(s) for s in sizes), "weights": weights}
+
+
+def distribute(memory: StepMemory, stage: Optional[int], world: int, dtype_bytes: int, block_bytes: int = 0) -> dict:
+    """Per-rank bytes from the single-process run, by the ZeRO paper's partitioning (DeepSpeed) or DDP's
+    gradient buckets. These are formulas on top of the simulation, not a simulation of the engines.
+
+    - DDP: every rank holds everything, plus DDP's gradient buckets (a second copy of the gradients).
+    - ZeRO 1/2/3 with N ranks: the optimizer state is partitioned (N-th each) and kept in float32 next to a
+      float32 master copy of the trainable weights when they train in 16 bits; stage 2 also partitions the
+      gradients (plus a reduce bucket), stage 3 also the weights (plus ``block_bytes`` twice: the gathered
+      layer being computed and the one prefetched).
+    """
+    c = memory.components()
+    if world <= 1 and stage is None:
+        return {**c, "peak": memory.peak, "method": "single process, simulated"}
+    if stage is None:
+        out = dict(c, ddp_buckets=memory.gradients)
+        out["peak"] = memory.peak + memory.gradients
+        out["method"] = f"DDP, {world} processes: simulated + gradient buckets"
+        return out
+    n = max(world, 1)
+    fp32 = 4 / dtype_bytes
+    out = dict(c)
+    out["optimizer_state"] = int(c["optimizer_state"] * fp32 / n)
+    out["master_weights"] = int(memory.trainable * 4 / n) if dtype_bytes < 4 else 0
+    if stage >= 2:
+        # the reduce bucket: DeepSpeed's default reduce_bucket_size is 5e8 elements; HF's "auto" uses hidden^2
+        out["gradients"] = int(memory.gradients / n) + min(memory.gradients, int(5e8 * dtype_bytes))
+    if stage == 3:
+        out["weights"] = int(c["weights"] / n) + 2 * block_bytes
+    out["peak"] = memory.peak - sum(c[k] for k in ("weights", "gradients", "optimizer_state")) + sum(
+        out[k] for k in ("weights", "gradients", "optimizer_state", "master_weights"))
+    out["method"] = f"DeepSpeed ZeRO-{stage}, {world} process{'es' if world > 1 else ''} (--world-size): simulated, " \
+                    "then ZeRO's partitioning"
+    return out
+
+
+def largest_block_bytes(model) -> int:
+    """Bytes of the largest child of the model's longest ModuleList (a decoder layer)."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        return 0
+    blocks = max(lists, key=len)
+    return max(sum(p.numel() * p.element_size() for p in block.parameters()) for block in blocks)
+
+
+def format_estimate(report: dict) -> str:
+    def gib(b):
+        return f"{b / GiB:8.3f} GiB"
+
+    rank = report["per_gpu"]
+    lines = [f"estimate: {report['model']} in {report['dtype']}, {report['parameters']:,} parameters, {report['trainable_parameters']:,} "
+             f"trainable; micro-batch {report['micro_batch'][0]} x {report['micro_batch'][1]} tokens"
+             + (", gradient checkpointing" if report["gradient_checkpointing"] else ""),
+             f"  ({rank['method']})"]
+    for key in ("weights", "master_weights", "gradients", "ddp_buckets", "optimizer_state", "activations", "other"):
+        if key in rank:
+            lines.append(f"  {key.replace('_', ' '):18s}{gib(rank[key])}")
+    lines.append(f"  {'peak per GPU':18s}{gib(rank['peak'])}   (single process: peak in {report['single_process']['peak_phase']})")
+    lines.append("  allocated memory (torch.cuda.max_memory_allocated); add the CUDA context (~0.5 GiB) and "
+                 "fragmentation for nvidia-smi")
+    return "\n".join(lines)
