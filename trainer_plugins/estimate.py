@@ -191,9 +191,10 @@ class StepMemory:
     phases: dict = field(default_factory=dict)  # phase -> peak bytes (weights included)
 
     def components(self) -> dict:
-        other = self.peak - self.weights - self.optimizer_state - self.gradients - self.activations
+        """Sizes, not shares of the peak: backward frees activations while gradients appear, and transients
+        (the float32 logits and their gradient, dequantised weights, optimizer temporaries) come on top."""
         return {"weights": self.weights, "gradients": self.gradients, "optimizer_state": self.optimizer_state,
-                "activations": self.activations, "other": max(other, 0)}
+                "activations": self.activations}
 
 
 def logical_numel(p: torch.Tensor) -> int:
@@ -356,7 +357,7 @@ def _estimate(recipe, args, model_args, data_args, host, world_size) -> dict:
         "model": type(model).__name__, "dtype": model_args.dtype, "parameters": memory.parameters,
         "trainable_parameters": memory.trainable, "tokens_per_step": batch * seq, "micro_batch": [batch, seq],
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "gradient_checkpointing": bool(args.gradient_checkpointing),
+        "gradient_checkpointing": bool(args.gradient_checkpointing or getattr(args, "activation_checkpointing", False)),
         "world_size": world, "zero_stage": stage,
         "single_process": {**memory.components(), "peak": memory.peak, "peak_phase": memory.peak_phase,
                            "phases": memory.phases},
@@ -369,8 +370,12 @@ def training_setup(recipe, model, device):
     checkpointing, the optimizer (a plugin's or the Trainer's); and a maker of micro-batches on ``device``."""
     args, host = recipe.args, recipe.args._host
     model = host.pipe("prepare_model", args, "model", model)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
+    if args.gradient_checkpointing or getattr(args, "activation_checkpointing", False):
+        kwargs = args.gradient_checkpointing_kwargs or getattr(args, "activation_checkpointing_kwargs", None)
+        if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     optimizer = host.call_first("create_optimizer", args, model=model, trainer=_trainer_stand_in(args)) \
@@ -482,10 +487,11 @@ def format_estimate(report: dict) -> str:
              f"trainable; micro-batch {report['micro_batch'][0]} x {report['micro_batch'][1]} tokens"
              + (", gradient checkpointing" if report["gradient_checkpointing"] else ""),
              f"  ({rank['method']})"]
-    for key in ("weights", "master_weights", "gradients", "ddp_buckets", "optimizer_state", "activations", "other"):
+    for key in ("weights", "master_weights", "gradients", "ddp_buckets", "optimizer_state", "activations"):
         if key in rank:
             lines.append(f"  {key.replace('_', ' '):18s}{gib(rank[key])}")
-    lines.append(f"  {'peak per GPU':18s}{gib(rank['peak'])}   (single process: peak in {report['single_process']['peak_phase']})")
+    lines.append(f"  {'peak per GPU':18s}{gib(rank['peak'])}   (during {report['single_process']['peak_phase']}; the "
+                 "parts above are sizes: activations are freed as gradients appear, transients come on top)")
     lines.append("  allocated memory (torch.cuda.max_memory_allocated); add the CUDA context (~0.5 GiB) and "
                  "fragmentation for nvidia-smi")
     return "\n".join(lines)
