@@ -7,7 +7,8 @@ Every case builds the same random-weight Llama of the chosen shape (memory and s
 values), runs warm-up steps, then timed steps (forward + backward + optimizer step on random tokens), and
 records the peak memory allocated (torch.cuda.max_memory_allocated, reset once the model exists, so the build
 transient is excluded), what the last step's forward + backward add above the resting state
-(``activation_gib``), and the median step time. JSON with the device, date and command, ratios against the
+(``activation_gib``), the median step time, and the peak ``trainer-plugins estimate`` predicts for the same
+steps (``estimate_gib``, ``estimate_vs_peak``: the estimate checked on every GPU run). JSON with the device, date and command, ratios against the
 first method, and a PNG chart if matplotlib is installed.
 
 Baselines live here (full fine-tuning with fused AdamW, SGD, peft LoRA with and without activation
@@ -149,8 +150,20 @@ def build_model(shape: dict, device: str, dtype: torch.dtype):
         return LlamaForCausalLM(config).to(dtype)
 
 
+def estimate_case(method: BenchMethod, shape: dict, dtype: torch.dtype) -> int:
+    """The peak `trainer-plugins estimate` predicts for this case (the same steps on the meta device), in bytes."""
+    from .estimate import language_model_batch, simulate_training
+
+    model = build_model(shape, "meta", dtype)
+    if method.prepare is not None:
+        model = method.prepare(model)
+    optimizer = (method.optimizer or adamw_over_trainable)(model, 1e-4)
+    return simulate_training(model, optimizer, language_model_batch(shape["vocab_size"], shape["batch"], shape["seq"])).peak
+
+
 def run_case(name: str, method: BenchMethod, shape: dict, device: str, dtype: torch.dtype, warmup: int,
              steps: int) -> dict:
+    estimate = estimate_case(method, shape, dtype)
     torch.manual_seed(0)
     model = build_model(shape, device, dtype)
     if method.prepare is not None:
@@ -186,6 +199,8 @@ def run_case(name: str, method: BenchMethod, shape: dict, device: str, dtype: to
         "peak_gib": round(max(peak_so_far, last_peak) / 2**30, 3) if cuda else None,
         # activations (and the gradients and optimizer transients of one step) above the resting state
         "activation_gib": round((last_peak - before_last) / 2**30, 3) if cuda else None,
+        "estimate_gib": round(estimate / 2**30, 3),
+        "estimate_vs_peak": round(estimate / max(peak_so_far, last_peak), 3) if cuda else None,
         "param_gib": round(param_bytes / 2**30, 3),
         "median_step_s": round(step, 5),
         "tokens_per_s": round(shape["batch"] * shape["seq"] / step, 1),

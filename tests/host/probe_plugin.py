@@ -56,6 +56,12 @@ def validate(args, model_config):
 
 
 @hookimpl
+def estimate_model(model, args, model_args):
+    CALLS.append("estimate_model")
+    assert next(model.parameters()).is_meta
+
+
+@hookimpl
 def load_model(args, model_args):
     CALLS.append("load_model")
     if not args.probe_tiny_model:

@@ -8,6 +8,7 @@ import probe_plugin
 
 from trainer_plugins import hookspecs
 from trainer_plugins.cli import build_parser
+from trainer_plugins.estimate import estimate_recipe
 from trainer_plugins.recipes import load_recipe, run_recipe
 
 HOOKS = sorted(name for name, fn in vars(hookspecs).items()
@@ -34,6 +35,7 @@ def test_every_hookspec_is_called_by_the_host(tmp_path, probe_host, tiny_model_d
                   "logging_steps": 1, "report_to": [], "use_cpu": True, "probe": True},
         "run": {"eval_before_training": False},
     }, host=probe_host)
+    estimate_recipe(recipe)
     run_recipe(recipe)
     called = {c.split(".")[0] for c in probe_plugin.CALLS}
     assert set(HOOKS) <= called, f"never called: {sorted(set(HOOKS) - called)}"
