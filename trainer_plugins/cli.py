@@ -97,13 +97,17 @@ def cmd_estimate(ns) -> int:
     from .estimate import estimate_recipe, format_estimate
     from .recipes import load_recipe
 
-    overrides = ns.overrides
     import torch
 
+    from .recipes import parse_overrides, read_recipe
+
+    flat = {**read_recipe(ns.recipe), **parse_overrides(ns.overrides)}
+    mixed = any(str(flat.get(k, "")).lower() in ("true", "1", "yes") for k in ("bf16", "fp16"))
+    overrides = ns.overrides
     if not torch.cuda.is_available():  # transformers refuses bf16/fp16 flags without a GPU; the dtype decides here
         overrides = ["--bf16", "false", "--fp16", "false", *overrides]
     recipe = load_recipe(ns.recipe, overrides, load_config=True)
-    report = estimate_recipe(recipe, world_size=ns.world_size)
+    report = estimate_recipe(recipe, world_size=ns.world_size, mixed_precision=mixed)
     print(json.dumps(report, indent=2) if ns.json else format_estimate(report))
     return 0
 

@@ -302,11 +302,18 @@ def default_optimizer(model, args):
     return cls([p for p in model.parameters() if p.requires_grad], **kwargs)
 
 
-def estimate_recipe(recipe, world_size: Optional[int] = None) -> dict:
-    """Predicted peak memory per GPU of training ``recipe`` (a ``load_recipe`` result with its model config)."""
+def estimate_recipe(recipe, world_size: Optional[int] = None, mixed_precision: Optional[bool] = None) -> dict:
+    """Predicted peak memory per GPU of training ``recipe`` (a ``load_recipe`` result with its model config).
+    ``mixed_precision``: whether the recipe sets bf16/fp16 (default: read from its arguments)."""
     import dataclasses
 
     args, model_args, data_args = recipe.args, recipe.model_args, recipe.data_args
+    if mixed_precision is None:
+        mixed_precision = bool(args.bf16 or args.fp16)
+    notes = []
+    if mixed_precision and model_args.dtype == "float32":
+        notes.append("bf16/fp16 autocast over float32 weights is not simulated: activations are counted in "
+                     "float32 (an over-estimate); load the weights in bfloat16 (dtype) to train as estimated")
     if model_args.dtype == "auto":  # what "auto" picks on a GPU, also when estimating on a CPU
         model_args = dataclasses.replace(model_args, dtype="bfloat16")
     host = args._host
@@ -315,7 +322,7 @@ def estimate_recipe(recipe, world_size: Optional[int] = None) -> dict:
 
         raise ConfigError("estimate needs the model's config (load the recipe with load_config=True)")
     with _no_zero3_init():
-        return _estimate(recipe, args, model_args, data_args, host, world_size)
+        return {**_estimate(recipe, args, model_args, data_args, host, world_size), "notes": notes}
 
 
 @contextlib.contextmanager
@@ -494,4 +501,5 @@ def format_estimate(report: dict) -> str:
                  "parts above are sizes: activations are freed as gradients appear, transients come on top)")
     lines.append("  allocated memory (torch.cuda.max_memory_allocated); add the CUDA context (~0.5 GiB) and "
                  "fragmentation for nvidia-smi")
+    lines += [f"  note: {n}" for n in report.get("notes", [])]
     return "\n".join(lines)

@@ -113,6 +113,10 @@ def test_cli_estimate_and_dry_run(model_dir, tmp_path, capsys):
     assert cli(["train", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "peak per GPU" in out and "optimizer state" in out
+    # a GPU recipe estimated on a CPU: bf16 autocast over float32 weights is named as not simulated
+    path.write_text(yaml.safe_dump(recipe(model_dir, tmp_path, bf16=True)))
+    assert cli(["estimate", str(path)]) == 0
+    assert "note: bf16/fp16 autocast over float32 weights is not simulated" in capsys.readouterr().out
 
 
 def test_estimate_needs_the_config(model_dir, tmp_path):
