@@ -19,9 +19,10 @@ Where the meta device cannot follow the GPU, the run substitutes what the GPU do
 - fused optimizers run as their single-tensor form (same state; per-tensor temporaries).
 
 Not modelled: CUDA context and kernel workspaces (cuBLAS: tens of MiB), allocator fragmentation (the
-*reserved* memory above allocated), autocast's weight-cast cache when fp32 weights train with bf16=True.
-Under DDP and DeepSpeed ZeRO the simulated single-process figures are split per rank with ZeRO's
-partitioning rules (see ``distribute``).
+*reserved* memory above allocated), autocast when float32 weights train with bf16=True (a note says so).
+DDP adds its reducer's gradient buckets to the single-process run. DeepSpeed ZeRO is simulated for one
+rank (``simulate_zero``): gradients handed to the rank's partition as they complete, stage 3's gathers
+and releases per module, the partitions and reduce buckets live throughout.
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ class MemoryTracker(TorchDispatchMode):
 
     def reset_peak(self) -> None:
         self.peak = self.live
+
+    def adopt(self, tensors) -> None:
+        """Count the storages of existing ``tensors`` as live (until they are freed): to measure a real run."""
+        for t in tensors:
+            self._known.discard(t.untyped_storage()._cdata)
+            self._track(t.untyped_storage())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default and args[0].is_meta:
@@ -307,6 +314,8 @@ def estimate_recipe(recipe, world_size: Optional[int] = None, mixed_precision: O
     ``mixed_precision``: whether the recipe sets bf16/fp16 (default: read from its arguments)."""
     import dataclasses
 
+    from .spec import deepspeed_stage
+
     args, model_args, data_args = recipe.args, recipe.model_args, recipe.data_args
     if mixed_precision is None:
         mixed_precision = bool(args.bf16 or args.fp16)
@@ -321,6 +330,9 @@ def estimate_recipe(recipe, world_size: Optional[int] = None, mixed_precision: O
         from .errors import ConfigError
 
         raise ConfigError("estimate needs the model's config (load the recipe with load_config=True)")
+    if deepspeed_stage(args) is not None and args.gradient_accumulation_steps > 1:
+        notes.append("ZeRO with gradient accumulation: a 2-process CPU run held one more gradient-sized buffer "
+                     "than simulated (not understood yet); allow for the size of the gradients on top")
     with _no_zero3_init():
         return {**_estimate(recipe, args, model_args, data_args, host, world_size), "notes": notes}
 
@@ -358,7 +370,11 @@ def _estimate(recipe, args, model_args, data_args, host, world_size) -> dict:
     memory = simulate_training(model, optimizer, make_batch, micro_batches=min(args.gradient_accumulation_steps, 2))
     world = world_size or int(__import__("os").environ.get("WORLD_SIZE", "1"))
     dtype_bytes = next((p.element_size() for p in model.parameters() if p.requires_grad), 4)
-    per_rank = distribute(memory, stage, world, dtype_bytes, largest_block_bytes(model))
+    zero_run = None
+    if stage is not None:
+        zero_run = simulate_zero(model, make_batch, memory, stage, world, zero_settings(args, model.config),
+                                 micro_batches=min(args.gradient_accumulation_steps, 2))
+    per_rank = distribute(memory, stage, world, dtype_bytes, zero_run)
     batch, seq = args.per_device_train_batch_size, data_args.max_seq_length
     return {
         "model": type(model).__name__, "dtype": model_args.dtype, "parameters": memory.parameters,
@@ -441,48 +457,128 @@ def measure_recipe(recipe, steps: int = 2) -> dict:
     return {"device": "cpu", "peak": max(sum(s) for s in sizes), "weights": weights}
 
 
-def distribute(memory: StepMemory, stage: Optional[int], world: int, dtype_bytes: int, block_bytes: int = 0) -> dict:
-    """Per-rank bytes from the single-process run, by the ZeRO paper's partitioning (DeepSpeed) or DDP's
-    gradient buckets. These are formulas on top of the simulation, not a simulation of the engines.
-
-    - DDP: every rank holds everything, plus DDP's gradient buckets (a second copy of the gradients).
-    - ZeRO 1/2/3 with N ranks: the optimizer state is partitioned (N-th each) and kept in float32 next to a
-      float32 master copy of the trainable weights when they train in 16 bits; stage 2 also partitions the
-      gradients (plus a reduce bucket), stage 3 also the weights (plus ``block_bytes`` twice: the gathered
-      layer being computed and the one prefetched).
-    """
+def distribute(memory: StepMemory, stage: Optional[int], world: int, dtype_bytes: int, zero_run=None) -> dict:
+    """Per-rank bytes. DDP: everything of the single-process run, plus DDP's gradient buckets (a second copy of
+    the gradients, held by its reducer). ZeRO: ``zero_run`` (``simulate_zero``), whose partitions follow the
+    ZeRO paper: optimizer state in float32 and, for 16-bit weights, a float32 master copy, both 1/N per rank."""
     c = memory.components()
     if world <= 1 and stage is None:
         return {**c, "peak": memory.peak, "method": "single process, simulated"}
     if stage is None:
-        out = dict(c, ddp_buckets=memory.gradients)
-        out["peak"] = memory.peak + memory.gradients
-        out["method"] = f"DDP, {world} processes: simulated + gradient buckets"
-        return out
+        return dict(c, ddp_buckets=memory.gradients, peak=memory.peak + memory.gradients,
+                    method=f"DDP, {world} processes: simulated + gradient buckets")
+    return {"weights": zero_run["weights"], "master_weights": zero_run["master_weights"],
+            "gradients": zero_run["gradient_partition"], "reduce_buckets": zero_run["reduce_buckets"],
+            "optimizer_state": zero_run["optimizer_state"], "activations": c["activations"],
+            "peak": zero_run["peak"], "peak_phase": zero_run["peak_phase"],
+            "method": f"DeepSpeed ZeRO-{stage}, {world} process{'es' if world > 1 else ''} (--world-size): one rank "
+                      "simulated with ZeRO's partitions, reduce hooks" + (" and gathers" if stage == 3 else "")}
+
+
+def zero_settings(args, model_config) -> dict:
+    """The DeepSpeed settings that size buffers, with HF's "auto" values resolved as transformers does."""
+    import json
+
+    config = args.deepspeed
+    if isinstance(config, str):
+        with open(config) as f:
+            config = json.load(f)
+    zero = (config or {}).get("zero_optimization", {})
+    hidden = getattr(model_config, "hidden_size", 0) or 0
+
+    def value(key, auto, default):
+        v = zero.get(key, default)
+        return auto if v == "auto" else float(v)
+
+    return {"reduce_bucket_size": value("reduce_bucket_size", hidden * hidden, 5e8),
+            "overlap_comm": bool(zero.get("overlap_comm", False)),
+            "param_persistence_threshold": value("stage3_param_persistence_threshold", 10 * hidden, 1e5),
+            "max_live_parameters": value("stage3_max_live_parameters", 1e9, 1e9)}
+
+
+def simulate_zero(model, make_batch, memory: StepMemory, stage: int, world: int, settings: dict,
+                  micro_batches: int = 1, steps: int = 2) -> dict:
+    """One rank's forward and backward under ZeRO-``stage`` on the meta model, after ``simulate_training``.
+
+    Stage >= 2: each gradient is handed to the rank's partition as soon as it is complete and the full-size
+    one is freed (DeepSpeed's reduce hooks), so whole gradients never coexist. Stage 3: the weights are a
+    1/N partition; a module's weights are gathered whole before its forward and kept for its backward when
+    one will run through it (else released), gathered again before its backward and released after it;
+    beyond ``stage3_max_live_parameters`` elements (DeepSpeed's default: 1e9) the least recently gathered are
+    released; modules under ``param_persistence_threshold`` elements stay whole.
+    The partitions (optimizer state, master weights, gradients, weights) are live throughout; the optimizer
+    step adds the float32 gradient partition the step reads."""
     n = max(world, 1)
-    fp32 = 4 / dtype_bytes
-    out = dict(c)
-    out["optimizer_state"] = int(c["optimizer_state"] * fp32 / n)
-    out["master_weights"] = int(memory.trainable * 4 / n) if dtype_bytes < 4 else 0
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    dtype_bytes = trainable[0].element_size() if trainable else 4
+    trainable_numel = sum(p.numel() for p in trainable)
+    state = int(memory.optimizer_state * 4 / dtype_bytes / n)
+    # the float32 copy of the trainable partition the optimizer steps: for 16-bit weights, and always under
+    # stage 3 (its flat fp32 partition is separate from the model's ds_tensor partition; measured on CPU)
+    master = trainable_numel * 4 // n if dtype_bytes < 4 or stage == 3 else 0
+    partition = trainable_numel * dtype_bytes // n if stage >= 2 else 0
+    buckets = int(settings["reduce_bucket_size"]) * dtype_bytes * (2 if settings["overlap_comm"] else 1) \
+        if stage >= 2 else 0
+    weights = memory.weights if stage < 3 else memory.weights // n
+    persistent = 0
+    hooks = []
     if stage >= 2:
-        # the reduce bucket: DeepSpeed's default reduce_bucket_size is 5e8 elements; HF's "auto" uses hidden^2
-        out["gradients"] = int(memory.gradients / n) + min(memory.gradients, int(5e8 * dtype_bytes))
+        hooks += [p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)) for p in trainable]
+    gathered: list = []
     if stage == 3:
-        out["weights"] = int(c["weights"] / n) + 2 * block_bytes
-    out["peak"] = memory.peak - sum(c[k] for k in ("weights", "gradients", "optimizer_state")) + sum(
-        out[k] for k in ("weights", "gradients", "optimizer_state", "master_weights"))
-    out["method"] = f"DeepSpeed ZeRO-{stage}, {world} process{'es' if world > 1 else ''} (--world-size): simulated, " \
-                    "then ZeRO's partitioning"
-    return out
+        live_limit = settings["max_live_parameters"]
 
+        def gather(module, *_):
+            whole = getattr(module, "_zero_whole", None)
+            if whole and not any(g is module for g, _, _ in gathered):
+                gathered.append((module, whole[0], torch.empty(whole[1], dtype=torch.uint8, device="meta")))
+                while len(gathered) > 1 and sum(e for _, e, _ in gathered) > live_limit:
+                    gathered.pop(0)  # released: the least recently gathered module
 
-def largest_block_bytes(model) -> int:
-    """Bytes of the largest child of the model's longest ModuleList (a decoder layer)."""
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
-    if not lists:
-        return 0
-    blocks = max(lists, key=len)
-    return max(sum(p.numel() * p.element_size() for p in block.parameters()) for block in blocks)
+        def release(module, *_):
+            gathered[:] = [g for g in gathered if g[0] is not module]
+
+        def after_forward(module, inputs, output):
+            # kept for backward only if backward will run through it (it needs the weights again)
+            if not any(t.requires_grad for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)):
+                release(module)
+
+        for module in model.modules():
+            direct = sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+            if not direct:
+                continue
+            if sum(p.numel() for p in module.parameters(recurse=False)) <= settings["param_persistence_threshold"]:
+                persistent += direct
+                continue
+            module._zero_whole = (sum(p.numel() for p in module.parameters(recurse=False)), direct)
+            hooks += [module.register_forward_pre_hook(gather), module.register_forward_hook(after_forward),
+                      module.register_full_backward_pre_hook(gather), module.register_full_backward_hook(release)]
+    resident = list(model.parameters()) + list(model.buffers())
+    tracker = MemoryTracker(resident)
+    static = state + master + partition + buckets + (persistent if stage == 3 else 0)
+    import warnings
+
+    try:
+        with meta_execution(), tracker, warnings.catch_warnings():
+            # full backward hooks on the first layers (their inputs need no gradient) fire on the outputs' one
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for step in range(steps):
+                tracker.reset_peak()
+                for _ in range(micro_batches):
+                    (model(**make_batch()).loss / micro_batches).backward()
+                gathered.clear()
+                for p in model.parameters():
+                    p.grad = None
+    finally:
+        for h in hooks:
+            h.remove()
+        for module in model.modules():
+            module.__dict__.pop("_zero_whole", None)
+    step_transient = trainable_numel * 4 // n + (memory.phases.get("optimizer", 0) - memory.weights
+                                                 - memory.optimizer_state) // n
+    peak = weights + static + max(tracker.peak, step_transient)
+    return {"peak_phase": "optimizer" if step_transient > tracker.peak else "forward/backward","weights": weights + (persistent if stage == 3 else 0), "master_weights": master,
+            "gradient_partition": partition, "reduce_buckets": buckets, "optimizer_state": state, "peak": peak}
 
 
 def format_estimate(report: dict) -> str:
@@ -494,10 +590,12 @@ def format_estimate(report: dict) -> str:
              f"trainable; micro-batch {report['micro_batch'][0]} x {report['micro_batch'][1]} tokens"
              + (", gradient checkpointing" if report["gradient_checkpointing"] else ""),
              f"  ({rank['method']})"]
-    for key in ("weights", "master_weights", "gradients", "ddp_buckets", "optimizer_state", "activations"):
+    for key in ("weights", "master_weights", "gradients", "ddp_buckets", "reduce_buckets", "optimizer_state",
+                "activations"):
         if key in rank:
             lines.append(f"  {key.replace('_', ' '):18s}{gib(rank[key])}")
-    lines.append(f"  {'peak per GPU':18s}{gib(rank['peak'])}   (during {report['single_process']['peak_phase']}; the "
+    phase = rank.get("peak_phase", report["single_process"]["peak_phase"])
+    lines.append(f"  {'peak per GPU':18s}{gib(rank['peak'])}   (during {phase}; the "
                  "parts above are sizes: activations are freed as gradients appear, transients come on top)")
     lines.append("  allocated memory (torch.cuda.max_memory_allocated); add the CUDA context (~0.5 GiB) and "
                  "fragmentation for nvidia-smi")
