@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import weakref
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -368,13 +369,12 @@ def _estimate(recipe, args, model_args, data_args, host, world_size) -> dict:
         quantize_linears_4bit(model, quantization_config(model_args, zero3=stage == 3), "meta")
     model, optimizer, make_batch = training_setup(recipe, model, "meta")
     memory = simulate_training(model, optimizer, make_batch, micro_batches=min(args.gradient_accumulation_steps, 2))
-    world = world_size or int(__import__("os").environ.get("WORLD_SIZE", "1"))
-    dtype_bytes = next((p.element_size() for p in model.parameters() if p.requires_grad), 4)
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     zero_run = None
     if stage is not None:
         zero_run = simulate_zero(model, make_batch, memory, stage, world, zero_settings(args, model.config),
                                  micro_batches=min(args.gradient_accumulation_steps, 2))
-    per_rank = distribute(memory, stage, world, dtype_bytes, zero_run)
+    per_rank = distribute(memory, stage, world, zero_run)
     batch, seq = args.per_device_train_batch_size, data_args.max_seq_length
     return {
         "model": type(model).__name__, "dtype": model_args.dtype, "parameters": memory.parameters,
@@ -457,7 +457,7 @@ def measure_recipe(recipe, steps: int = 2) -> dict:
     return {"device": "cpu", "peak": max(sum(s) for s in sizes), "weights": weights}
 
 
-def distribute(memory: StepMemory, stage: Optional[int], world: int, dtype_bytes: int, zero_run=None) -> dict:
+def distribute(memory: StepMemory, stage: Optional[int], world: int, zero_run: Optional[dict] = None) -> dict:
     """Per-rank bytes. DDP: everything of the single-process run, plus DDP's gradient buckets (a second copy of
     the gradients, held by its reducer). ZeRO: ``zero_run`` (``simulate_zero``), whose partitions follow the
     ZeRO paper: optimizer state in float32 and, for 16-bit weights, a float32 master copy, both 1/N per rank."""

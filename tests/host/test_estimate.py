@@ -96,7 +96,7 @@ def test_zero_and_ddp_split_per_rank(model_dir, tmp_path, request):
     # DDP: the reducer's buckets are a second copy of the gradients
     memory = StepMemory(weights=2_000, trainable=1_000, parameters=1_000, gradients=2_000, optimizer_state=4_000,
                         activations=10_000, peak=18_000, peak_phase="backward", phases={})
-    ddp = distribute(memory, stage=None, world=2, dtype_bytes=2)
+    ddp = distribute(memory, stage=None, world=2)
     assert ddp["ddp_buckets"] == 2_000 and ddp["peak"] == 20_000
 
 
