@@ -108,7 +108,20 @@ def cmd_estimate(ns) -> int:
         overrides = ["--bf16", "false", "--fp16", "false", *overrides]
     recipe = load_recipe(ns.recipe, overrides, load_config=True)
     report = estimate_recipe(recipe, world_size=ns.world_size, mixed_precision=mixed)
+    if ns.measure:
+        from .errors import ConfigError
+        from .estimate import GiB, measure_recipe
+        from .spec import deepspeed_stage
+
+        if deepspeed_stage(recipe.args) is not None:
+            raise ConfigError("--measure runs one process without DeepSpeed; drop the recipe's deepspeed config "
+                              "(--deepspeed '') to compare the single-process estimate")
+        report["measured"] = measure_recipe(recipe)
+        report["estimate_vs_measured"] = round(report["per_gpu"]["peak"] / report["measured"]["peak"], 3)
     print(json.dumps(report, indent=2) if ns.json else format_estimate(report))
+    if ns.measure and not ns.json:
+        print(f"  measured on {report['measured']['device']}: {report['measured']['peak'] / GiB:.3f} GiB "
+              f"(estimate / measured = {report['estimate_vs_measured']})")
     return 0
 
 
@@ -190,6 +203,8 @@ def build_parser(host=None) -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("--world-size", type=int, help="GPUs of the launch (default: $WORLD_SIZE or 1)")
     p.add_argument("--json", action="store_true", help="machine-readable output (bytes)")
+    p.add_argument("--measure", action="store_true",
+                   help="also load the weights and measure two real steps here (one process) to check the estimate")
     p.set_defaults(func=cmd_estimate)
     sub.add_parser("doctor", help="versions, GPU, which plugins can run here").set_defaults(func=cmd_doctor)
     p = sub.add_parser("bench", help="peak memory and step time of training methods vs baselines on one shape")

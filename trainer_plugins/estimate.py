@@ -276,20 +276,13 @@ def classification_batch(batch: int, seq: int, device="meta") -> Callable[[], di
 # -- a recipe, as training would build it -------------------------------------------------------------------
 def meta_model(model_config, model_args):
     """The model the default loader would build, on the meta device, before any 4-bit quantisation."""
-    import transformers
+    from .models import model_class, resolve_dtype
 
-    from .models import num_labels_of, resolve_dtype
-
-    auto = transformers.AutoModelForCausalLM
-    kwargs = {}
-    if getattr(model_args, "task", "causal-lm") == "sequence-classification":
-        auto = transformers.AutoModelForSequenceClassification
-        model_config.num_labels = num_labels_of(model_args) or model_config.num_labels
-    if getattr(model_args, "attn_implementation", None):
-        kwargs["attn_implementation"] = model_args.attn_implementation
+    auto, kwargs = model_class(model_args, model_config)
+    if str(kwargs.get("attn_implementation", "")).startswith("flash_attention"):
+        kwargs["attn_implementation"] = "sdpa"  # the same memory (fused); flash-attn need not be installed here
     with torch.device("meta"):
-        return auto.from_config(model_config, dtype=resolve_dtype(model_args.dtype),
-                                trust_remote_code=model_args.trust_remote_code, **kwargs)
+        return auto.from_config(model_config, dtype=resolve_dtype(model_args.dtype), **kwargs)
 
 
 def _trainer_stand_in(args):
@@ -421,7 +414,8 @@ def measure_recipe(recipe, steps: int = 2) -> dict:
     model = args._host.call_first("load_model", args, model_args=recipe.model_args)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    model.to(device)
+    if not getattr(model, "is_loaded_in_4bit", False):  # 4-bit layers are placed where they were quantised
+        model.to(device)
     model, optimizer, make_batch = training_setup(recipe, model, device)
     model.train()
     micro_batches = min(args.gradient_accumulation_steps, 2)

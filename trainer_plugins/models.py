@@ -291,17 +291,9 @@ def quantize_linears_4bit(model, quantization_config, device) -> None:
 
 def load_model(model_args: ModelArguments, *, zero3: bool = False):
     """Load the model the arguments describe. The caller seeds (model_init=random) and places it."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     dtype = resolve_dtype(model_args.dtype)
     config = load_model_config(model_args)
-    auto = AutoModelForCausalLM
-    if num_labels_of(model_args):
-        auto = AutoModelForSequenceClassification
-        config.num_labels = model_args.num_labels  # a new head of that size (the checkpoint's is dropped)
-    kwargs = {"trust_remote_code": model_args.trust_remote_code}
-    if model_args.attn_implementation:
-        kwargs["attn_implementation"] = model_args.attn_implementation
+    auto, kwargs = model_class(model_args, config)
     if model_args.model_init == "random":
         return auto.from_config(config, dtype=dtype, **kwargs)
     if zero3 and not model_args.load_in_4bit:
@@ -311,6 +303,21 @@ def load_model(model_args: ModelArguments, *, zero3: bool = False):
         if not torch.cuda.is_available():
             kwargs["device_map"] = "cpu"
     return auto.from_pretrained(model_source(model_args), config=config, dtype=dtype, **kwargs)
+
+
+def model_class(model_args: ModelArguments, config) -> tuple[type, dict]:
+    """The Auto class for the task and its loading kwargs; sets ``config.num_labels`` for a classifier (a new
+    head of that size: the checkpoint's is dropped)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForCausalLM
+    if num_labels_of(model_args):
+        auto = AutoModelForSequenceClassification
+        config.num_labels = model_args.num_labels
+    kwargs = {"trust_remote_code": model_args.trust_remote_code}
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    return auto, kwargs
 
 
 def _init_deepspeed_comm() -> None:

@@ -111,10 +111,24 @@ def test_cli_estimate_and_dry_run(model_dir, tmp_path, capsys):
     assert cli(["train", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "peak per GPU" in out and "optimizer state" in out
+    # --measure: the same recipe run for real here (weights loaded), next to the estimate
+    assert cli(["estimate", str(path), "--json", "--measure"]) == 0
+    checked = json.loads(capsys.readouterr().out)
+    assert checked["measured"]["device"] == "cpu" and 0.95 < checked["estimate_vs_measured"] < 1.05
     # a GPU recipe estimated on a CPU: bf16 autocast over float32 weights is named as not simulated
     path.write_text(yaml.safe_dump(recipe(model_dir, tmp_path, bf16=True)))
     assert cli(["estimate", str(path)]) == 0
     assert "note: bf16/fp16 autocast over float32 weights is not simulated" in capsys.readouterr().out
+
+
+def test_measure_refuses_deepspeed(model_dir, tmp_path, capsys, request):
+    import yaml
+
+    request.getfixturevalue("deepspeed_env")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe(model_dir, tmp_path, deepspeed=str(ROOT / "recipes/deepspeed/zero2.json"))))
+    assert cli(["estimate", str(path), "--measure"]) == 2
+    assert "--measure runs one process without DeepSpeed" in capsys.readouterr().err
 
 
 def test_estimate_needs_the_config(model_dir, tmp_path):
