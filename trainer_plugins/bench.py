@@ -8,8 +8,8 @@ values), runs warm-up steps, then timed steps (forward + backward + optimizer st
 records the peak memory allocated (torch.cuda.max_memory_allocated, reset once the model exists, so the build
 transient is excluded), what the last step's forward + backward add above the resting state
 (``activation_gib``), the median step time, and the peak ``trainer-plugins estimate`` predicts for the same
-steps (``estimate_gib``, ``estimate_vs_peak``: the estimate checked on every GPU run). JSON with the device, date and command, ratios against the
-first method, and a PNG chart if matplotlib is installed.
+steps (``estimate_gib``, ``estimate_vs_peak``: the estimate checked on every GPU run). JSON with the device,
+date and command, ratios against the first method, and a PNG chart if matplotlib is installed.
 
 Baselines live here (full fine-tuning with fused AdamW, SGD, peft LoRA with and without activation
 checkpointing, peft QLoRA with its standard preparation, apollo-torch); each plugin adds its methods with
@@ -158,7 +158,8 @@ def estimate_case(method: BenchMethod, shape: dict, dtype: torch.dtype) -> int:
     if method.prepare is not None:
         model = method.prepare(model)
     optimizer = (method.optimizer or adamw_over_trainable)(model, 1e-4)
-    return simulate_training(model, optimizer, language_model_batch(shape["vocab_size"], shape["batch"], shape["seq"])).peak
+    batch = language_model_batch(shape["vocab_size"], shape["batch"], shape["seq"])
+    return simulate_training(model, optimizer, batch).peak
 
 
 def run_case(name: str, method: BenchMethod, shape: dict, device: str, dtype: torch.dtype, warmup: int,

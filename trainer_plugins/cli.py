@@ -94,12 +94,12 @@ def cmd_train(ns) -> int:
 
 
 def cmd_estimate(ns) -> int:
-    from .estimate import estimate_recipe, format_estimate
-    from .recipes import load_recipe
-
     import torch
 
-    from .recipes import parse_overrides, read_recipe
+    from .errors import ConfigError
+    from .estimate import GiB, estimate_recipe, format_estimate, measure_recipe
+    from .recipes import load_recipe, parse_overrides, read_recipe
+    from .spec import deepspeed_stage
 
     flat = {**read_recipe(ns.recipe), **parse_overrides(ns.overrides)}
     mixed = any(str(flat.get(k, "")).lower() in ("true", "1", "yes") for k in ("bf16", "fp16"))
@@ -109,10 +109,6 @@ def cmd_estimate(ns) -> int:
     recipe = load_recipe(ns.recipe, overrides, load_config=True)
     report = estimate_recipe(recipe, world_size=ns.world_size, mixed_precision=mixed)
     if ns.measure:
-        from .errors import ConfigError
-        from .estimate import GiB, measure_recipe
-        from .spec import deepspeed_stage
-
         if deepspeed_stage(recipe.args) is not None:
             raise ConfigError("--measure runs one process without DeepSpeed; drop the recipe's deepspeed config "
                               "(--deepspeed '') to compare the single-process estimate")

@@ -205,6 +205,12 @@ class StepMemory:
                 "activations": self.activations}
 
 
+def resident_bytes(model) -> int:
+    """Bytes of the model's parameters and buffers (each tensor once: tied weights are one)."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def logical_numel(p: torch.Tensor) -> int:
     return 2 * p.numel() if p.dtype == torch.uint8 and p.dim() == 2 and p.shape[1] == 1 else p.numel()
 
@@ -214,7 +220,7 @@ def simulate_training(model, optimizer, make_batch: Callable[[], dict], micro_ba
     """Run ``steps`` optimizer steps of ``micro_batches`` forward/backward passes each on ``model`` (on the
     meta device) and return the memory of the last step."""
     resident = list(model.parameters()) + list(model.buffers())
-    weights = sum(t.numel() * t.element_size() for t in {id(t): t for t in resident}.values())
+    weights = resident_bytes(model)
     tracker = MemoryTracker(resident)
     phases: dict[str, int] = {}
     gradients = activations = 0
@@ -428,7 +434,7 @@ def measure_recipe(recipe, steps: int = 2) -> dict:
 
     for _ in range(steps - 1):
         step()
-    weights = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+    weights = resident_bytes(model)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -568,10 +574,13 @@ def simulate_zero(model, make_batch, memory: StepMemory, stage: int, world: int,
             h.remove()
         for module in model.modules():
             module.__dict__.pop("_zero_whole", None)
-    step_transient = trainable_numel * 4 // n + (memory.phases.get("optimizer", 0) - memory.weights
-                                                 - memory.optimizer_state) // n
+    # the step: a float32 copy of the gradient partition for 16-bit weights, the optimizer's own temporaries
+    optimizer_temporaries = max(memory.phases.get("optimizer", 0) - memory.weights - memory.optimizer_state
+                                - memory.gradients, 0)
+    step_transient = (master if dtype_bytes < 4 else 0) + optimizer_temporaries // n
     peak = weights + static + max(tracker.peak, step_transient)
-    return {"peak_phase": "optimizer" if step_transient > tracker.peak else "forward/backward","weights": weights + (persistent if stage == 3 else 0), "master_weights": master,
+    return {"peak_phase": "optimizer" if step_transient > tracker.peak else "forward/backward",
+            "weights": weights + (persistent if stage == 3 else 0), "master_weights": master,
             "gradient_partition": partition, "reduce_buckets": buckets, "optimizer_state": state, "peak": peak}
 
 
@@ -580,8 +589,8 @@ def format_estimate(report: dict) -> str:
         return f"{b / GiB:8.3f} GiB"
 
     rank = report["per_gpu"]
-    lines = [f"estimate: {report['model']} in {report['dtype']}, {report['parameters']:,} parameters, {report['trainable_parameters']:,} "
-             f"trainable; micro-batch {report['micro_batch'][0]} x {report['micro_batch'][1]} tokens"
+    lines = [f"estimate: {report['model']} in {report['dtype']}, {report['parameters']:,} parameters, "
+             f"{report['trainable_parameters']:,} trainable; micro-batch {report['micro_batch'][0]} x {report['micro_batch'][1]} tokens"
              + (", gradient checkpointing" if report["gradient_checkpointing"] else ""),
              f"  ({rank['method']})"]
     for key in ("weights", "master_weights", "gradients", "ddp_buckets", "reduce_buckets", "optimizer_state",
