@@ -39,6 +39,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .memory import optimizer_state_bytes, tensor_bytes
+
 GiB = 2**30
 
 
@@ -208,7 +210,7 @@ class StepMemory:
 def resident_bytes(model) -> int:
     """Bytes of the model's parameters and buffers (each tensor once: tied weights are one)."""
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    return tensor_bytes(tensors.values())
 
 
 def logical_numel(p: torch.Tensor) -> int:
@@ -243,14 +245,11 @@ def simulate_training(model, optimizer, make_batch: Callable[[], dict], micro_ba
                     phases["backward"] = max(phases.get("backward", 0), tracker.peak)
                     tracker.reset_peak()
             if last:
-                gradients = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters()
-                                if p.grad is not None)
+                gradients = tensor_bytes(p.grad for p in model.parameters())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if last:
                 phases["optimizer"] = tracker.peak
-    from .memory import optimizer_state_bytes
-
     phases = {k: v + weights for k, v in phases.items()}
     peak_phase = max(phases, key=phases.get)
     params = list(model.parameters())
@@ -544,7 +543,7 @@ def simulate_zero(model, make_batch, memory: StepMemory, stage: int, world: int,
                 release(module)
 
         for module in model.modules():
-            direct = sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+            direct = tensor_bytes(module.parameters(recurse=False))
             if not direct:
                 continue
             if sum(p.numel() for p in module.parameters(recurse=False)) <= settings["param_persistence_threshold"]:
