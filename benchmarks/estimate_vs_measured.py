@@ -43,6 +43,25 @@ def main(argv=None) -> int:
                      "estimate_vs_measured": round(predicted / measured, 3)})
         print(json.dumps(rows[-1]), flush=True)
     within = [r for r in rows if abs(r["estimate_vs_measured"] - 1) <= 0.10]
+    # The peft QLoRA peak in issue 5 (27.4 GiB) is far above the bench's qlora-peft, where peft's preparation
+    # turns on activation checkpointing. Without it, the preparation's float32 norms and embeddings make the
+    # residual stream float32, so attention runs in float32 on a GQA model (32 query / 4 key heads): no flash
+    # kernel for float32, and the memory-efficient one takes GQA only from torch 2.14 (the estimate follows
+    # the local torch), so SDPA's math kernel keeps the S x S scores. A GPU run of qlora-peft and
+    # qlora-peft-no-checkpointing settles it.
+    from trainer_plugins import estimate
+
+    shape = dict(bench.SHAPES["1b"])
+    no_ckpt = methods["qlora-peft-no-checkpointing"]
+    explanations, takes_gqa_here = [], estimate._EFFICIENT_ATTENTION_TAKES_GQA
+    for takes_gqa in (False, True):
+        estimate._EFFICIENT_ATTENTION_TAKES_GQA = takes_gqa
+        gib = bench.estimate_case(no_ckpt, shape, torch.bfloat16) / 2**30
+        explanations.append({"case": "qlora-peft-no-checkpointing, attention: " + (
+            "memory-efficient kernel (torch >= 2.14)" if takes_gqa else "math kernel (torch < 2.14)"),
+            "estimate_gib": round(gib, 2), "vs_quoted_qlora_27_4": round(gib / 27.4, 3)})
+        print(json.dumps(explanations[-1]), flush=True)
+    estimate._EFFICIENT_ATTENTION_TAKES_GQA = takes_gqa_here
     report = {
         "what": "trainer-plugins estimate (meta-device run) vs peaks measured on one H100 (quoted in issues 3 and 5)",
         "measured_on": "one NVIDIA H100 80GB, bf16, torch fused AdamW, apollo-torch 1.0.3 (issue text)",
@@ -51,6 +70,7 @@ def main(argv=None) -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "within_10_percent": f"{len(within)} of {len(rows)}",
         "results": rows,
+        "qlora_peft_candidates": explanations,
     }
     ns.out.parent.mkdir(parents=True, exist_ok=True)
     ns.out.write_text(json.dumps(report, indent=2) + "\n")

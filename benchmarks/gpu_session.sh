@@ -41,7 +41,7 @@ bench() {  # NAME SHAPE [bench args...]
 bench "meft-$small" "$small" --methods adamw lora lora-checkpointing meft
 bench "apollo-$small" "$small" --methods adamw sgd apollo-torch apollo-torch-mini apollo apollo-mini apollo-mini-layerwise
 bench "lst-$small" "$small" --methods adamw lora-r16 qlora-r16-peft lst lst-4bit
-bench "loram-$small" "$small" --methods lora qlora-peft loram-50 loram-65 qloram-65
+bench "loram-$small" "$small" --methods lora qlora-peft qlora-peft-no-checkpointing loram-50 loram-65 qloram-65
 bench "apollo-$large" "$large" --methods adamw sgd apollo-torch-mini apollo-mini
 bench "lst-$large" "$large" --methods adamw lora-r16 qlora-r16-peft lst lst-4bit
 bench "loram-$large" "$large" --methods lora qlora-peft loram-65 qloram-65

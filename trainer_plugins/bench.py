@@ -8,8 +8,9 @@ values), runs warm-up steps, then timed steps (forward + backward + optimizer st
 records the peak memory allocated (torch.cuda.max_memory_allocated, reset once the model exists, so the build
 transient is excluded), what the last step's forward + backward add above the resting state
 (``activation_gib``), the median step time, and the peak ``trainer-plugins estimate`` predicts for the same
-steps (``estimate_gib``, ``estimate_vs_peak``: the estimate checked on every GPU run). JSON with the device,
-date and command, ratios against the first method, and a PNG chart if matplotlib is installed.
+steps (``estimate_gib``, ``estimate_vs_peak``: the estimate checked on every run). On a CPU the peak comes from
+one more step under the profiler (its allocator events), so the estimate is checked there too. JSON with the
+device, date and command, ratios against the first method, and a PNG chart if matplotlib is installed.
 
 Baselines live here (full fine-tuning with fused AdamW, SGD, peft LoRA with and without activation
 checkpointing, peft QLoRA with its standard preparation, apollo-torch); each plugin adds its methods with
@@ -81,9 +82,10 @@ def nf4(model):
     return model
 
 
-def lora(rank=8, four_bit=False, peft_kbit=False, checkpointing=False):
+def lora(rank=8, four_bit=False, peft_kbit=False, checkpointing=False, peft_kbit_checkpointing=True):
     """peft LoRA on the 7 projections; ``four_bit`` + ``peft_kbit``: QLoRA with peft's standard preparation
-    (prepare_model_for_kbit_training: float32 non-quantised weights, activation checkpointing)."""
+    (prepare_model_for_kbit_training: float32 non-quantised weights, so a float32 residual stream, and
+    activation checkpointing unless ``peft_kbit_checkpointing`` is off)."""
 
     def prepare(model):
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -91,7 +93,7 @@ def lora(rank=8, four_bit=False, peft_kbit=False, checkpointing=False):
         if four_bit:
             nf4(model)
         if peft_kbit:
-            model = prepare_model_for_kbit_training(model)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=peft_kbit_checkpointing)
         model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, task_type="CAUSAL_LM",
                                                  target_modules=PROJECTIONS))
         if checkpointing:
@@ -124,6 +126,9 @@ BASELINES = {
     "lora-checkpointing": BenchMethod(prepare=lora(checkpointing=True), description="LoRA r8 + activation checkpointing"),
     "qlora-peft": BenchMethod(prepare=lora(four_bit=True, peft_kbit=True), description="peft QLoRA r8 (NF4)"),
     "qlora-r16-peft": BenchMethod(prepare=lora(rank=16, four_bit=True, peft_kbit=True), description="peft QLoRA r16"),
+    "qlora-peft-no-checkpointing": BenchMethod(
+        prepare=lora(four_bit=True, peft_kbit=True, peft_kbit_checkpointing=False),
+        description="peft QLoRA r8, prepare_model_for_kbit_training(use_gradient_checkpointing=False)"),
 }
 
 
@@ -141,30 +146,35 @@ def methods(host=None) -> dict[str, BenchMethod]:
     return out
 
 
-def build_model(shape: dict, device: str, dtype: torch.dtype):
+def build_model(shape: dict, device: str, dtype: torch.dtype, attn_implementation: str = "sdpa"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**{k: v for k, v in shape.items() if k not in ("batch", "seq")},
-                         max_position_embeddings=max(shape["seq"], 128))
+                         max_position_embeddings=max(shape["seq"], 128), attn_implementation=attn_implementation)
     with torch.device(device):  # built where it runs, in its dtype: no fp32 copy on the host
         return LlamaForCausalLM(config).to(dtype)
 
 
-def estimate_case(method: BenchMethod, shape: dict, dtype: torch.dtype) -> int:
-    """The peak `trainer-plugins estimate` predicts for this case (the same steps on the meta device), in bytes."""
+def estimate_case(method: BenchMethod, shape: dict, dtype: torch.dtype, attn_implementation: str = "sdpa",
+                  device: str = "cuda") -> int:
+    """The peak `trainer-plugins estimate` predicts for this case on ``device`` (the same steps on the meta
+    device), in bytes."""
     from .estimate import language_model_batch, simulate_training
 
-    model = build_model(shape, "meta", dtype)
+    model = build_model(shape, "meta", dtype, attn_implementation)
     if method.prepare is not None:
         model = method.prepare(model)
     optimizer = (method.optimizer or adamw_over_trainable)(model, 1e-4)
     batch = language_model_batch(shape["vocab_size"], shape["batch"], shape["seq"])
-    return simulate_training(model, optimizer, batch).peak
+    return simulate_training(model, optimizer, batch, device=torch.device(device).type).peak
 
 
 def run_case(name: str, method: BenchMethod, shape: dict, device: str, dtype: torch.dtype, warmup: int,
              steps: int) -> dict:
-    estimate = estimate_case(method, shape, dtype)
+    from .estimate import measure_training, resident_bytes
+    from .memory import optimizer_state_bytes
+
+    estimate = estimate_case(method, shape, dtype, device=device)
     torch.manual_seed(0)
     model = build_model(shape, device, dtype)
     if method.prepare is not None:
@@ -193,15 +203,21 @@ def run_case(name: str, method: BenchMethod, shape: dict, device: str, dtype: to
         if i >= warmup:
             times.append(time.perf_counter() - start)
     step = statistics.median(times)
-    last_peak = torch.cuda.max_memory_allocated() if cuda else None
+    if cuda:
+        last_peak = torch.cuda.max_memory_allocated()
+        peak = max(peak_so_far, last_peak)
+    else:  # one more step, under the profiler: its allocator events give the peak and what the step added
+        before_last = resident_bytes(model) + optimizer_state_bytes(optimizer)
+        last_peak = peak = measure_training(model, optimizer, lambda: {"input_ids": tokens, "labels": tokens},
+                                            steps=1)["peak"]
     result = {
         "method": name,
         "layers": shape["num_hidden_layers"],
-        "peak_gib": round(max(peak_so_far, last_peak) / 2**30, 3) if cuda else None,
+        "peak_gib": round(peak / 2**30, 3),
         # activations (and the gradients and optimizer transients of one step) above the resting state
-        "activation_gib": round((last_peak - before_last) / 2**30, 3) if cuda else None,
+        "activation_gib": round((last_peak - before_last) / 2**30, 3),
         "estimate_gib": round(estimate / 2**30, 3),
-        "estimate_vs_peak": round(estimate / max(peak_so_far, last_peak), 3) if cuda else None,
+        "estimate_vs_peak": round(estimate / peak, 3),
         "param_gib": round(param_bytes / 2**30, 3),
         "median_step_s": round(step, 5),
         "tokens_per_s": round(shape["batch"] * shape["seq"] / step, 1),

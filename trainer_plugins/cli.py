@@ -107,7 +107,11 @@ def cmd_estimate(ns) -> int:
     if not torch.cuda.is_available():  # transformers refuses bf16/fp16 flags without a GPU; the dtype decides here
         overrides = ["--bf16", "false", "--fp16", "false", *overrides]
     recipe = load_recipe(ns.recipe, overrides, load_config=True)
-    report = estimate_recipe(recipe, world_size=ns.world_size, mixed_precision=mixed)
+    # --measure without a GPU measures on this CPU: estimate with its attention kernels to compare like with like
+    device = "cpu" if ns.measure and not torch.cuda.is_available() else "cuda"
+    report = estimate_recipe(recipe, world_size=ns.world_size, mixed_precision=mixed, device=device)
+    if device == "cpu":
+        report["notes"].append("estimated with this CPU's attention kernels, to compare with the run measured here")
     if ns.measure:
         if deepspeed_stage(recipe.args) is not None:
             raise ConfigError("--measure runs one process without DeepSpeed; drop the recipe's deepspeed config "

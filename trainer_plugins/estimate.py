@@ -12,8 +12,10 @@ reversible layers, checkpointing) is measured as it runs. The peak of the second
 that ``torch.cuda.max_memory_allocated`` reports after a few steps.
 
 Where the meta device cannot follow the GPU, the run substitutes what the GPU does:
-- attention: fused kernels (flash / memory-efficient SDPA) keep q, k, v, the output and a float32
-  log-sum-exp per query, not the seq x seq scores that SDPA's reference path materialises on meta;
+- attention: the kernel torch's CUDA dispatcher picks for the inputs (``device="cpu"``: the CPU's). A fused
+  one (flash / memory-efficient SDPA) keeps q, k, v, the output and a float32 log-sum-exp per query; where
+  none applies (float32 inputs with grouped-query heads before torch 2.14: flash needs 16-bit inputs and
+  the memory-efficient kernel took no GQA until pytorch#191085) the math kernel keeps the seq x seq scores;
 - bitsandbytes 4-bit linears: packed uint8 weights + quantisation statistics, a dequantised weight alive
   during each matmul (forward, and backward when the input needs a gradient), as bitsandbytes' MatMul4Bit;
 - fused optimizers run as their single-tensor form (same state; per-tensor temporaries).
@@ -112,12 +114,26 @@ class _FusedAttention(torch.autograd.Function):
 
 
 _sdpa = torch.nn.functional.scaled_dot_product_attention
+_EFFICIENT_ATTENTION_TAKES_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 14)
+
+
+def cuda_attention_is_math(query, key, attn_mask=None) -> bool:
+    """Whether torch's CUDA SDPA dispatcher finds no fused kernel for these inputs and runs the math one.
+    Flash: fp16/bf16, no mask, head dim <= 256. Memory-efficient: also float32 and masks, but grouped-query
+    heads (fewer key heads than query heads) only from torch 2.14. (transformers passes GQA through
+    ``enable_gqa`` when there is no mask: a float32 GQA model lands on the math kernel before 2.14.)"""
+    flash = query.dtype in (torch.float16, torch.bfloat16) and attn_mask is None and query.shape[-1] <= 256
+    grouped = key.shape[-3] != query.shape[-3]
+    return not (flash or not grouped or _EFFICIENT_ATTENTION_TAKES_GQA)
 
 
 def _meta_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, **kw):
     if query.device.type != "meta":
         return _sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                      enable_gqa=enable_gqa, **kw)
+    if _simulated_device[0] == "cuda" and cuda_attention_is_math(query, key, attn_mask):
+        return torch.ops.aten._scaled_dot_product_attention_math(
+            query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)[0]
     return _FusedAttention.apply(query, key, value)
 
 
@@ -159,7 +175,9 @@ class Meta4bitLinear(torch.nn.Linear):
 
     def forward(self, x):
         out = _Dequantized4bitMatmul.apply(x, self.weight, (self.out_features, self.in_features), self.compute_dtype)
-        return out if self.bias is None else out + self.bias
+        if self.bias is not None:
+            out = out + self.bias
+        return out.to(x.dtype)  # as Linear4bit: computed in compute_dtype, returned in the input's dtype
 
 
 _Generator = torch.Generator
@@ -169,18 +187,24 @@ def _generator(device="cpu"):
     return _Generator() if torch.device(device).type == "meta" else _Generator(device)
 
 
+_simulated_device = ["cuda"]
+
+
 @contextlib.contextmanager
-def meta_execution():
-    """Run a meta-device model as a GPU would allocate (fused attention, generators)."""
+def meta_execution(device: str = "cuda"):
+    """Run a meta-device model as ``device`` ("cuda" or "cpu") would allocate (its attention kernels; generators)."""
     # Code that seeds a generator on the parameters' device (apollo-torch's projections) gets a CPU one:
     # meta tensors draw from it without data.
     patches = [(torch.nn.functional, "scaled_dot_product_attention", _meta_sdpa), (torch, "Generator", _generator)]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    saved_device = _simulated_device[0]
     try:
+        _simulated_device[0] = device
         for obj, name, value in patches:
             setattr(obj, name, value)
         yield
     finally:
+        _simulated_device[0] = saved_device
         for obj, name, value in saved:
             setattr(obj, name, value)
 
@@ -218,16 +242,16 @@ def logical_numel(p: torch.Tensor) -> int:
 
 
 def simulate_training(model, optimizer, make_batch: Callable[[], dict], micro_batches: int = 1,
-                      steps: int = 2) -> StepMemory:
+                      steps: int = 2, device: str = "cuda") -> StepMemory:
     """Run ``steps`` optimizer steps of ``micro_batches`` forward/backward passes each on ``model`` (on the
-    meta device) and return the memory of the last step."""
+    meta device, allocating as ``device`` would) and return the memory of the last step."""
     resident = list(model.parameters()) + list(model.buffers())
     weights = resident_bytes(model)
     tracker = MemoryTracker(resident)
     phases: dict[str, int] = {}
     gradients = activations = 0
     model.train()
-    with meta_execution(), tracker:
+    with meta_execution(device), tracker:
         for step in range(steps):
             last = step == steps - 1
             tracker.reset_peak()
@@ -308,9 +332,11 @@ def default_optimizer(model, args):
     return cls([p for p in model.parameters() if p.requires_grad], **kwargs)
 
 
-def estimate_recipe(recipe, world_size: Optional[int] = None, mixed_precision: Optional[bool] = None) -> dict:
+def estimate_recipe(recipe, world_size: Optional[int] = None, mixed_precision: Optional[bool] = None,
+                    device: str = "cuda") -> dict:
     """Predicted peak memory per GPU of training ``recipe`` (a ``load_recipe`` result with its model config).
-    ``mixed_precision``: whether the recipe sets bf16/fp16 (default: read from its arguments)."""
+    ``mixed_precision``: whether the recipe sets bf16/fp16 (default: read from its arguments). ``device``:
+    whose kernels to follow ("cpu" to compare with a run on this CPU)."""
     import dataclasses
 
     from .spec import deepspeed_stage
@@ -333,7 +359,7 @@ def estimate_recipe(recipe, world_size: Optional[int] = None, mixed_precision: O
         notes.append("ZeRO with gradient accumulation: a 2-process CPU run held one more gradient-sized buffer "
                      "than simulated (not understood yet); allow for the size of the gradients on top")
     with _no_zero3_init():
-        return {**_estimate(recipe, args, model_args, data_args, host, world_size), "notes": notes}
+        return {**_estimate(recipe, args, model_args, data_args, host, world_size, device), "notes": notes}
 
 
 @contextlib.contextmanager
@@ -350,7 +376,7 @@ def _no_zero3_init():
         modeling_utils.is_deepspeed_zero3_enabled = saved
 
 
-def _estimate(recipe, args, model_args, data_args, host, world_size) -> dict:
+def _estimate(recipe, args, model_args, data_args, host, world_size, device) -> dict:
     import copy
 
     from .models import quantization_config
@@ -366,12 +392,13 @@ def _estimate(recipe, args, model_args, data_args, host, world_size) -> dict:
 
         quantize_linears_4bit(model, quantization_config(model_args, zero3=stage == 3), "meta")
     model, optimizer, make_batch = training_setup(recipe, model, "meta")
-    memory = simulate_training(model, optimizer, make_batch, micro_batches=min(args.gradient_accumulation_steps, 2))
+    memory = simulate_training(model, optimizer, make_batch, micro_batches=min(args.gradient_accumulation_steps, 2),
+                               device=device)
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     zero_run = None
     if stage is not None:
         zero_run = simulate_zero(model, make_batch, memory, stage, world, zero_settings(args, model.config),
-                                 micro_batches=min(args.gradient_accumulation_steps, 2))
+                                 micro_batches=min(args.gradient_accumulation_steps, 2), device=device)
     per_rank = distribute(memory, stage, world, zero_run)
     batch, seq = args.per_device_train_batch_size, data_args.max_seq_length
     return {
@@ -409,21 +436,27 @@ def training_setup(recipe, model, device):
 
 def measure_recipe(recipe, steps: int = 2) -> dict:
     """The real counterpart of ``estimate_recipe`` on this machine, one process: load the weights, prepare as
-    the estimate does, run ``steps`` steps and return the peak bytes allocated during the last one and the
-    weights' bytes. On a GPU: torch.cuda.max_memory_allocated; on a CPU: the allocator events the profiler
-    records (so the estimate can be checked without a GPU)."""
-    import json
-    import tempfile
-
+    the estimate does and measure ``steps`` steps (``measure_training``)."""
     args = recipe.args
     model = args._host.call_first("load_model", args, model_args=recipe.model_args)
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     if not getattr(model, "is_loaded_in_4bit", False):  # 4-bit layers are placed where they were quantised
         model.to(device)
     model, optimizer, make_batch = training_setup(recipe, model, device)
+    return measure_training(model, optimizer, make_batch, min(args.gradient_accumulation_steps, 2), steps)
+
+
+def measure_training(model, optimizer, make_batch: Callable[[], dict], micro_batches: int = 1,
+                     steps: int = 2) -> dict:
+    """What ``simulate_training`` predicts, measured: run ``steps`` real steps and return the peak bytes
+    allocated during the last one and the weights' bytes. On a GPU: torch.cuda.max_memory_allocated; on a CPU:
+    the allocator events the profiler records (so an estimate can be checked without a GPU)."""
+    import json
+    import tempfile
+    import warnings
+
+    cuda = next(model.parameters()).device.type == "cuda"
     model.train()
-    micro_batches = min(args.gradient_accumulation_steps, 2)
 
     def step():
         for _ in range(micro_batches):
@@ -444,13 +477,10 @@ def measure_recipe(recipe, steps: int = 2) -> dict:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         step()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
         path = f"{tmp}/timeline.raw.json"
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            prof.export_memory_timeline(path, device="cpu")
+        prof.export_memory_timeline(path, device="cpu")
         with open(path) as f:
             _, sizes = json.load(f)
     return {"device": "cpu", "peak": max(sum(s) for s in sizes), "weights": weights}
@@ -496,7 +526,7 @@ def zero_settings(args, model_config) -> dict:
 
 
 def simulate_zero(model, make_batch, memory: StepMemory, stage: int, world: int, settings: dict,
-                  micro_batches: int = 1, steps: int = 2) -> dict:
+                  micro_batches: int = 1, steps: int = 2, device: str = "cuda") -> dict:
     """One rank's forward and backward under ZeRO-``stage`` on the meta model, after ``simulate_training``.
 
     Stage >= 2: each gradient is handed to the rank's partition as soon as it is complete and the full-size
@@ -558,7 +588,7 @@ def simulate_zero(model, make_batch, memory: StepMemory, stage: int, world: int,
     import warnings
 
     try:
-        with meta_execution(), tracker, warnings.catch_warnings():
+        with meta_execution(device), tracker, warnings.catch_warnings():
             # full backward hooks on the first layers (their inputs need no gradient) fire on the outputs' one
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             for step in range(steps):

@@ -4,6 +4,7 @@ allocator's real peak on this CPU for the same recipe (weights loaded, same prep
 import json
 
 import pytest
+import torch
 
 from tests.helpers import ROOT, save_tiny_llama, torchrun
 from trainer_plugins.cli import main as cli
@@ -45,7 +46,7 @@ def recipe(model_dir, tmp_path, **train) -> dict:
 @pytest.mark.parametrize("case", list(CASES))
 def test_estimate_is_within_5_percent_of_the_allocator_peak(model_dir, tmp_path, case):
     r = recipe(model_dir, tmp_path, **CASES[case])
-    predicted = estimate_recipe(load_recipe(r))
+    predicted = estimate_recipe(load_recipe(r), device="cpu")  # this CPU's attention kernels
     measured = measure_recipe(load_recipe(r))
     assert predicted["single_process"]["weights"] == pytest.approx(measured["weights"], rel=0.02)
     # seen: 0.0-2.6% above (the CPU flash-attention kernel keeps slightly less than the fused-kernel model)
@@ -164,5 +165,42 @@ def test_per_gpu_estimate_under_zero_with_two_processes(case, tmp_path, tokenize
     run = torchrun(ROOT / "tests" / "host" / "estimate_worker.py", [path, tmp_path / "out"])
     assert run.returncode == 0, run.stderr[-3000:]
     measured = max(json.loads((tmp_path / "out" / f"peak-rank{rank}.json").read_text())["peak"] for rank in (0, 1))
-    predicted = estimate_recipe(load_recipe(r), world_size=2)["per_gpu"]["peak"]
+    predicted = estimate_recipe(load_recipe(r), world_size=2, device="cpu")["per_gpu"]["peak"]
     assert predicted == pytest.approx(measured, rel=0.05)
+
+
+def test_float32_grouped_query_attention_on_cuda_is_the_math_kernel():
+    """torch's CUDA dispatcher has no fused kernel for float32 GQA before torch 2.14 (flash: 16-bit only; the
+    memory-efficient kernel: no GQA), so SDPA's math kernel keeps the seq x seq scores. The estimate follows
+    it; the memory it predicts for that kernel is checked against this CPU forced onto the math kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from trainer_plugins import bench, estimate
+    from trainer_plugins.estimate import cuda_attention_is_math, language_model_batch, measure_training, \
+        simulate_training
+
+    q, kv = torch.empty(1, 8, 4, 64, device="meta"), torch.empty(1, 2, 4, 64, device="meta")
+    assert cuda_attention_is_math(q, kv) == (not estimate._EFFICIENT_ATTENTION_TAKES_GQA)
+    assert not cuda_attention_is_math(q.bfloat16(), kv.bfloat16())  # flash takes 16-bit GQA
+    assert not cuda_attention_is_math(q, torch.empty(1, 8, 4, 64, device="meta"))  # no GQA: memory-efficient
+    shape = {**SHAPE, "batch": 4, "seq": 256}
+
+    def predicted(device, dtype=torch.float32):
+        model = bench.build_model(shape, "meta", dtype)
+        optimizer = bench.adamw_over_trainable(model, 1e-4)
+        return simulate_training(model, optimizer, language_model_batch(2048, 4, 256), device=device).peak
+
+    scores = 4 * 8 * 256 * 256 * 4  # one layer's float32 attention scores
+    if not estimate._EFFICIENT_ATTENTION_TAKES_GQA:
+        assert predicted("cuda") > predicted("cpu") + 4 * scores  # four layers keep theirs for backward
+    assert predicted("cuda", torch.bfloat16) == predicted("cpu", torch.bfloat16)
+    torch.manual_seed(0)
+    model = bench.build_model(shape, "cpu", torch.float32)
+    with sdpa_kernel(SDPBackend.MATH):
+        measured = measure_training(model, bench.adamw_over_trainable(model, 1e-4),
+                                    language_model_batch(2048, 4, 256, "cpu"))["peak"]
+    saved, estimate._EFFICIENT_ATTENTION_TAKES_GQA = estimate._EFFICIENT_ATTENTION_TAKES_GQA, False
+    try:
+        assert predicted("cuda") == pytest.approx(measured, rel=0.05)  # seen: 1.000
+    finally:
+        estimate._EFFICIENT_ATTENTION_TAKES_GQA = saved
