@@ -45,12 +45,13 @@ def runs(finetune_steps):
 
 def sweep(finetune_steps, lrs):
     steps = ["--max_steps", str(finetune_steps)] if finetune_steps else []
+    tag = f"{finetune_steps}steps" if finetune_steps else "recipe"
     out = {}
     for lr in lrs:
         out[f"finetune/adamw@{lr:g}"] = [FINETUNE, "--learning_rate", str(lr), "--output_dir",
-                                         f"outputs/apollo-sweep-adamw-{lr:g}", *steps]
+                                         f"outputs/apollo-sweep-{tag}-adamw-{lr:g}", *steps]
         out[f"finetune/apollo-mini@{lr:g}"] = [FINETUNE, "--apollo", "mini", "--learning_rate", str(lr), "--output_dir",
-                                               f"outputs/apollo-sweep-mini-{lr:g}", *steps]
+                                               f"outputs/apollo-sweep-{tag}-mini-{lr:g}", *steps]
     return out
 
 

@@ -120,8 +120,9 @@ _EFFICIENT_ATTENTION_TAKES_GQA = tuple(int(x) for x in torch.__version__.split("
 def cuda_attention_is_math(query, key, attn_mask=None) -> bool:
     """Whether torch's CUDA SDPA dispatcher finds no fused kernel for these inputs and runs the math one.
     Flash: fp16/bf16, no mask, head dim <= 256. Memory-efficient: also float32 and masks, but grouped-query
-    heads (fewer key heads than query heads) only from torch 2.14. (transformers passes GQA through
-    ``enable_gqa`` when there is no mask: a float32 GQA model lands on the math kernel before 2.14.)"""
+    heads (fewer key heads than query heads) only since pytorch#191085 (July 2026; torch 2.11 falls back,
+    2.14's source takes GQA: 2.14 is the version assumed here). transformers passes GQA through
+    ``enable_gqa`` when there is no mask, so a float32 GQA model lands on the math kernel before that."""
     flash = query.dtype in (torch.float16, torch.bfloat16) and attn_mask is None and query.shape[-1] <= 256
     grouped = key.shape[-3] != query.shape[-3]
     return not (flash or not grouped or _EFFICIENT_ATTENTION_TAKES_GQA)
