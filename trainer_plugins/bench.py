@@ -234,7 +234,7 @@ def with_ratios(results: list[dict]) -> list[dict]:
     base = results[0]
     for r in results:
         r[f"step_vs_{base['method']}"] = round(r["median_step_s"] / base["median_step_s"], 3)
-        if r["peak_gib"] is not None:
+        if base["peak_gib"]:  # rounds to 0.0 below half a MiB
             r[f"peak_vs_{base['method']}"] = round(r["peak_gib"] / base["peak_gib"], 3)
     return results
 
