@@ -13,8 +13,10 @@ Issue 3's bar: Mini's fine-tune eval loss within 2% of AdamW's (or better); APOL
 With --finetune-lrs the fine-tunes alone run at each learning rate, for both optimizers, and the summary
 compares each at its best rate (AdamW's recipe rate need not be APOLLO-Mini's):
 
-    python benchmarks/apollo_quality.py --finetune-steps 30 --finetune-lrs 1e-4,3e-4,1e-3 \
+    python benchmarks/apollo_quality.py --finetune-steps 30 --finetune-lrs 1e-4,2e-4,3e-4,5e-4,1e-3 \
         --out benchmarks/results/apollo_finetune_lr_sweep_cpu.json
+    python benchmarks/apollo_quality.py --finetune-lrs 3e-4,5e-4,8e-4 \
+        --out benchmarks/results/apollo_finetune_60_steps_cpu.json      # the recipe's 60 steps
 """
 
 import argparse
