@@ -1,7 +1,7 @@
 """APOLLO quality on CPU (offline), equal steps and data, each run against AdamW:
 
   finetune  SmolLM2-135M-Instruct on Python stdlib source (recipes/quickstart.yaml: AdamW, and the same recipe
-            with --apollo mini), same learning rate
+            with --apollo mini), same learning rate (1e-4)
   pretrain  a 4-layer model with SmolLM2's architecture from random weights on stdlib text
             (recipes/smollm2-135m/sparse-pretrain.yaml with sparsity off): AdamW, APOLLO rank 64 (1/4 of the
             width, the paper's pre-training ratio), APOLLO-Mini
@@ -35,8 +35,11 @@ PRETRAIN = "recipes/smollm2-135m/sparse-pretrain.yaml"
 def runs(finetune_steps):
     steps = ["--max_steps", str(finetune_steps)] if finetune_steps else []
     return {
-        "finetune/adamw": [FINETUNE, "--output_dir", "outputs/apollo-quality-ft-adamw", *steps],
-        "finetune/apollo-mini": [FINETUNE, "--apollo", "mini", "--output_dir", "outputs/apollo-quality-ft-mini", *steps],
+        # one rate for both (the quickstart's rate when this ran; the sweeps compare each at its best rate)
+        "finetune/adamw": [FINETUNE, "--learning_rate", "1e-4", "--output_dir", "outputs/apollo-quality-ft-adamw",
+                           *steps],
+        "finetune/apollo-mini": [FINETUNE, "--apollo", "mini", "--learning_rate", "1e-4", "--output_dir",
+                                 "outputs/apollo-quality-ft-mini", *steps],
         "pretrain/adamw": [PRETRAIN, "--sparse", "off", "--output_dir", "outputs/apollo-quality-pt-adamw"],
         "pretrain/apollo-r64": [PRETRAIN, "--sparse", "off", "--apollo", "apollo", "--apollo_rank", "64",
                                 "--output_dir", "outputs/apollo-quality-pt-apollo"],
