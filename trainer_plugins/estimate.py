@@ -356,9 +356,6 @@ def estimate_recipe(recipe, world_size: Optional[int] = None, mixed_precision: O
         from .errors import ConfigError
 
         raise ConfigError("estimate needs the model's config (load the recipe with load_config=True)")
-    if deepspeed_stage(args) is not None and args.gradient_accumulation_steps > 1:
-        notes.append("ZeRO with gradient accumulation: a 2-process CPU run held one more gradient-sized buffer "
-                     "than simulated (not understood yet); allow for the size of the gradients on top")
     with _no_zero3_init():
         return {**_estimate(recipe, args, model_args, data_args, host, world_size, device), "notes": notes}
 
@@ -549,6 +546,10 @@ def simulate_zero(model, make_batch, memory: StepMemory, stage: int, world: int,
     partition = trainable_numel * dtype_bytes // n if stage >= 2 else 0
     buckets = int(settings["reduce_bucket_size"]) * dtype_bytes * (2 if settings["overlap_comm"] else 1) \
         if stage >= 2 else 0
+    # stage 2 over several micro-batches: DeepSpeed also keeps the partition's gradients from the first
+    # micro-batch to the boundary (all_grad_tensors, in grad_accum_dtype: the weights' by default), beside the
+    # buffer each reduction writes; measured on CPU (2 processes), absent under stage 3
+    accumulators = partition if stage == 2 and micro_batches > 1 else 0
     weights = memory.weights if stage < 3 else memory.weights // n
     persistent = 0
     hooks = []
@@ -585,7 +586,7 @@ def simulate_zero(model, make_batch, memory: StepMemory, stage: int, world: int,
                       module.register_full_backward_pre_hook(gather), module.register_full_backward_hook(release)]
     resident = list(model.parameters()) + list(model.buffers())
     tracker = MemoryTracker(resident)
-    static = state + master + partition + buckets + (persistent if stage == 3 else 0)
+    static = state + master + partition + accumulators + buckets + (persistent if stage == 3 else 0)
     import warnings
 
     try:
@@ -611,7 +612,8 @@ def simulate_zero(model, make_batch, memory: StepMemory, stage: int, world: int,
     peak = weights + static + max(tracker.peak, step_transient)
     return {"peak_phase": "optimizer" if step_transient > tracker.peak else "forward/backward",
             "weights": weights + (persistent if stage == 3 else 0), "master_weights": master,
-            "gradient_partition": partition, "reduce_buckets": buckets, "optimizer_state": state, "peak": peak}
+            "gradient_partition": partition + accumulators, "reduce_buckets": buckets, "optimizer_state": state,
+            "peak": peak}
 
 
 def format_estimate(report: dict) -> str:

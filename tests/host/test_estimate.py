@@ -144,6 +144,8 @@ ZERO_CASES = {
     "ZeRO-3": (3, {}),
     "ZeRO-3, lst (no-grad backbone)": (3, {"lst": True}),
     "ZeRO-3, loram (frozen base)": (3, LORAM),
+    # stage 2 keeps a second partition-sized buffer while accumulating (stage 3 does not: seen 1.003)
+    "ZeRO-2, gradient accumulation": (2, {"gradient_accumulation_steps": 2}),
 }
 
 
