@@ -53,15 +53,14 @@ def main(argv=None) -> int:
 
     shape = dict(bench.SHAPES["1b"])
     no_ckpt = methods["qlora-peft-no-checkpointing"]
-    explanations, takes_gqa_here = [], estimate._EFFICIENT_ATTENTION_TAKES_GQA
+    explanations = []
     for takes_gqa in (False, True):
-        estimate._EFFICIENT_ATTENTION_TAKES_GQA = takes_gqa
-        gib = bench.estimate_case(no_ckpt, shape, torch.bfloat16) / 2**30
+        with estimate.efficient_attention_takes_gqa(takes_gqa):
+            gib = bench.estimate_case(no_ckpt, shape, torch.bfloat16) / 2**30
         explanations.append({"case": "qlora-peft-no-checkpointing, attention: " + (
             "memory-efficient kernel (torch >= 2.14)" if takes_gqa else "math kernel (torch < 2.14)"),
             "estimate_gib": round(gib, 2), "vs_quoted_qlora_27_4": round(gib / 27.4, 3)})
         print(json.dumps(explanations[-1]), flush=True)
-    estimate._EFFICIENT_ATTENTION_TAKES_GQA = takes_gqa_here
     report = {
         "what": "trainer-plugins estimate (meta-device run) vs peaks measured on one H100 (quoted in issues 3 and 5)",
         "measured_on": "one NVIDIA H100 80GB, bf16, torch fused AdamW, apollo-torch 1.0.3 (issue text)",

@@ -146,22 +146,21 @@ def methods(host=None) -> dict[str, BenchMethod]:
     return out
 
 
-def build_model(shape: dict, device: str, dtype: torch.dtype, attn_implementation: str = "sdpa"):
+def build_model(shape: dict, device: str, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**{k: v for k, v in shape.items() if k not in ("batch", "seq")},
-                         max_position_embeddings=max(shape["seq"], 128), attn_implementation=attn_implementation)
+                         max_position_embeddings=max(shape["seq"], 128))
     with torch.device(device):  # built where it runs, in its dtype: no fp32 copy on the host
         return LlamaForCausalLM(config).to(dtype)
 
 
-def estimate_case(method: BenchMethod, shape: dict, dtype: torch.dtype, attn_implementation: str = "sdpa",
-                  device: str = "cuda") -> int:
+def estimate_case(method: BenchMethod, shape: dict, dtype: torch.dtype, device: str = "cuda") -> int:
     """The peak `trainer-plugins estimate` predicts for this case on ``device`` (the same steps on the meta
     device), in bytes."""
     from .estimate import language_model_batch, simulate_training
 
-    model = build_model(shape, "meta", dtype, attn_implementation)
+    model = build_model(shape, "meta", dtype)
     if method.prepare is not None:
         model = method.prepare(model)
     optimizer = (method.optimizer or adamw_over_trainable)(model, 1e-4)

@@ -128,6 +128,17 @@ def cuda_attention_is_math(query, key, attn_mask=None) -> bool:
     return not (flash or not grouped or _EFFICIENT_ATTENTION_TAKES_GQA)
 
 
+@contextlib.contextmanager
+def efficient_attention_takes_gqa(value: bool):
+    """Estimate as if CUDA's memory-efficient SDPA kernel did (``True``, torch >= 2.14) or did not take GQA."""
+    global _EFFICIENT_ATTENTION_TAKES_GQA
+    saved, _EFFICIENT_ATTENTION_TAKES_GQA = _EFFICIENT_ATTENTION_TAKES_GQA, value
+    try:
+        yield
+    finally:
+        _EFFICIENT_ATTENTION_TAKES_GQA = saved
+
+
 def _meta_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, **kw):
     if query.device.type != "meta":
         return _sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,

@@ -201,8 +201,5 @@ def test_float32_grouped_query_attention_on_cuda_is_the_math_kernel():
     with sdpa_kernel(SDPBackend.MATH):
         measured = measure_training(model, bench.adamw_over_trainable(model, 1e-4),
                                     language_model_batch(2048, 4, 256, "cpu"))["peak"]
-    saved, estimate._EFFICIENT_ATTENTION_TAKES_GQA = estimate._EFFICIENT_ATTENTION_TAKES_GQA, False
-    try:
+    with estimate.efficient_attention_takes_gqa(False):
         assert predicted("cuda") == pytest.approx(measured, rel=0.05)  # seen: 1.000
-    finally:
-        estimate._EFFICIENT_ATTENTION_TAKES_GQA = saved
