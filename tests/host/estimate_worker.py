@@ -19,7 +19,7 @@ sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # skip the CPU 
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from helpers import end_distributed  # noqa: E402
+from helpers import exit_worker  # noqa: E402
 from trainer_plugins import PluginTrainer  # noqa: E402
 from trainer_plugins.data import build_datasets, data_collator  # noqa: E402
 from trainer_plugins.estimate import MemoryTracker  # noqa: E402
@@ -68,4 +68,4 @@ def main(recipe_path: str, out: str):
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
-    end_distributed()
+    exit_worker()

@@ -7,8 +7,11 @@ Usage: torchrun --nproc_per_node 2 apollo_zero_worker.py STAGE OUT_JSON CKPT_DIR
 import importlib
 import json
 import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers
 
 importlib.import_module("deepspeed.comm.torch")
 sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # skip the CPU shm JIT build: gloo is enough
@@ -18,6 +21,7 @@ import torch.distributed as dist  # noqa: E402
 
 from trainer_plugins.zero import zero_layout  # noqa: E402
 from trainer_plugins_apollo.optimizer import APOLLO, apollo_param_groups  # noqa: E402
+from helpers import exit_worker  # noqa: E402
 
 # (name, apollo group settings): channel (rank 3, refresh every 2 steps) and tensor (Mini), limiter on/off
 CONFIGS = {
@@ -127,3 +131,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_worker()

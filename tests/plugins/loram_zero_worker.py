@@ -17,7 +17,7 @@ sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # skip the CPU 
 from transformers import LlamaForCausalLM  # noqa: E402
 
 from trainer_plugins import PluginTrainer, PluginTrainingArguments  # noqa: E402
-from helpers import end_distributed, counting_dataset, losses  # noqa: E402
+from helpers import counting_dataset, exit_worker, losses  # noqa: E402
 from test_loram import COMMON, LORAM  # noqa: E402
 
 
@@ -40,4 +40,4 @@ def main(stage: str, out: str, model_dir: str):
 
 if __name__ == "__main__":
     main(*sys.argv[1:4])
-    end_distributed()
+    exit_worker()

@@ -20,7 +20,7 @@ sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # skip the CPU 
 from transformers import LlamaForCausalLM  # noqa: E402
 
 from trainer_plugins import PluginTrainer, PluginTrainingArguments  # noqa: E402
-from helpers import end_distributed, losses  # noqa: E402
+from helpers import exit_worker, losses  # noqa: E402
 from test_lst import COMMON, LST, cycles  # noqa: E402
 
 
@@ -47,4 +47,4 @@ def main(stage: str, out: str, model_dir: str):
 
 if __name__ == "__main__":
     main(*sys.argv[1:4])
-    end_distributed()
+    exit_worker()

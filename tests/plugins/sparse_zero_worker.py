@@ -20,7 +20,7 @@ from transformers import LlamaForCausalLM  # noqa: E402
 from trainer_plugins import PluginTrainer, PluginTrainingArguments  # noqa: E402
 from trainer_plugins.models import tiny_llama_config  # noqa: E402
 from trainer_plugins_sparse.plugin import sparse_state  # noqa: E402
-from helpers import end_distributed, counting_dataset, losses  # noqa: E402
+from helpers import counting_dataset, exit_worker, losses  # noqa: E402
 from test_sparse import COMMON, SPARSE  # noqa: E402
 
 
@@ -49,4 +49,4 @@ def main(stage: str, out: str, extra: dict):
 if __name__ == "__main__":
     flags = dict(arg.split("=", 1) for arg in sys.argv[3:])
     main(sys.argv[1], sys.argv[2], {k: json.loads(v) for k, v in flags.items()})
-    end_distributed()
+    exit_worker()

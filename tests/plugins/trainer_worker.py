@@ -16,7 +16,7 @@ importlib.import_module("deepspeed.comm.torch")
 sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # skip the CPU shm JIT build: gloo is enough
 
 from trainer_plugins import PluginTrainer, PluginTrainingArguments  # noqa: E402
-from helpers import counting_dataset, end_distributed, losses, tiny_llama  # noqa: E402
+from helpers import counting_dataset, exit_worker, losses, tiny_llama  # noqa: E402
 
 
 def main(stage: str, out: str, flags: dict):
@@ -35,4 +35,4 @@ def main(stage: str, out: str, flags: dict):
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))
-    end_distributed()
+    exit_worker()
