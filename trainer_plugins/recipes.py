@@ -129,6 +129,23 @@ def parse_overrides(argv: list[str]) -> dict:
     return out
 
 
+# TrainingArguments keys transformers renamed, (old, new): a recipe may use either name, and the one the installed
+# transformers lacks is translated (5.17, the oldest supported, has only gradient_checkpointing; later releases
+# keep it as a deprecated alias of activation_checkpointing).
+RENAMED_TRAINING_KEYS = (("gradient_checkpointing", "activation_checkpointing"),
+                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"))
+
+
+def translate_renamed_keys(flat: dict, valid: list[str]) -> dict:
+    for pair in RENAMED_TRAINING_KEYS:
+        for given, known in (pair, pair[::-1]):
+            if given in flat and given not in valid and known in valid:
+                if known in flat:
+                    raise ConfigError(f"{given!r} and {known!r} are the same setting: give one")
+                flat[known] = flat.pop(given)
+    return flat
+
+
 def load_recipe(path_or_dict: str | os.PathLike | dict, overrides: list[str] | dict | None = None,
                 load_config: bool = True, host=None) -> Recipe:
     """Parse and validate a recipe; nothing heavier than the model's config is loaded."""
@@ -141,6 +158,7 @@ def load_recipe(path_or_dict: str | os.PathLike | dict, overrides: list[str] | d
     if isinstance(flat.get("model_config_overrides"), dict):  # a YAML mapping; the field is JSON text
         flat["model_config_overrides"] = json.dumps(flat["model_config_overrides"])
     p = parser(host)
+    translate_renamed_keys(flat, p.valid_keys())
     p.check_keys(flat)
     try:
         model_args, data_args, args, run_args = p.parse_dict(flat)

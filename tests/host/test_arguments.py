@@ -97,3 +97,27 @@ def test_default_class_has_the_installed_plugins():
     flags = {n for names in PluginTrainingArguments._plugin_fields.values() for n in names}
     for name, spec in get_host().specs.items():
         assert set(spec.flag_names()) <= flags
+
+
+
+@pytest.mark.parametrize("valid", [["gradient_checkpointing", "gradient_checkpointing_kwargs"],  # transformers 5.17
+                                   ["gradient_checkpointing", "activation_checkpointing"]])  # later: both names
+def test_renamed_training_keys_work_with_either_name(valid):
+    from trainer_plugins.recipes import translate_renamed_keys
+
+    for name in ("gradient_checkpointing", "activation_checkpointing"):
+        expected = name if name in valid else "gradient_checkpointing"
+        assert translate_renamed_keys({name: True, "learning_rate": 1e-4}, valid) == {expected: True,
+                                                                                      "learning_rate": 1e-4}
+    if "activation_checkpointing" not in valid:
+        with pytest.raises(ConfigError, match="same setting"):
+            translate_renamed_keys({"activation_checkpointing": True, "gradient_checkpointing": True}, valid)
+
+
+@pytest.mark.parametrize("name", ["gradient_checkpointing", "activation_checkpointing"])
+def test_recipe_with_either_checkpointing_name_loads(name, tmp_path):
+    from trainer_plugins.recipes import load_recipe
+
+    recipe = load_recipe({"model": {"model_name_or_path": "x"}, "train": {"output_dir": str(tmp_path), name: True}},
+                         load_config=False)
+    assert recipe.args.gradient_checkpointing or getattr(recipe.args, "activation_checkpointing", False)
