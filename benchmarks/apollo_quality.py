@@ -17,6 +17,13 @@ compares each at its best rate (AdamW's recipe rate need not be APOLLO-Mini's):
         --out benchmarks/results/apollo_finetune_lr_sweep_cpu.json
     python benchmarks/apollo_quality.py --finetune-lrs 3e-4,5e-4,8e-4 \
         --out benchmarks/results/apollo_finetune_60_steps_cpu.json      # the recipe's 60 steps
+
+--mini-variants adds APOLLO-Mini runs with its own hyperparameters changed (';'-separated flag sets), at each
+rate; --reuse takes a run whose output directory already holds results.json instead of training it again:
+
+    python benchmarks/apollo_quality.py --finetune-lrs 3e-4,5e-4 --reuse \
+        --mini-variants "--apollo_scale 256;--apollo_scale 512;--apollo_scale_front" \
+        --out benchmarks/results/apollo_finetune_mini_variants_cpu.json
 """
 
 import argparse
@@ -48,7 +55,7 @@ def runs(finetune_steps):
     }
 
 
-def sweep(finetune_steps, lrs):
+def sweep(finetune_steps, lrs, mini_variants=()):
     steps = ["--max_steps", str(finetune_steps)] if finetune_steps else []
     tag = f"{finetune_steps}steps" if finetune_steps else "recipe"
     out = {}
@@ -57,6 +64,12 @@ def sweep(finetune_steps, lrs):
                                          f"outputs/apollo-sweep-{tag}-adamw-{lr:g}", *steps]
         out[f"finetune/apollo-mini@{lr:g}"] = [FINETUNE, "--apollo", "mini", "--learning_rate", str(lr), "--output_dir",
                                                f"outputs/apollo-sweep-{tag}-mini-{lr:g}", *steps]
+        for variant in mini_variants:
+            flags = variant.split()
+            slug = "".join(f.removeprefix("--apollo_").replace("_", "-") for f in flags)
+            out[f"finetune/apollo-mini[{variant}]@{lr:g}"] = [
+                FINETUNE, "--apollo", "mini", *flags, "--learning_rate", str(lr), "--output_dir",
+                f"outputs/apollo-sweep-{tag}-mini-{slug}-{lr:g}", *steps]
     return out
 
 
@@ -65,13 +78,20 @@ def main():
     parser.add_argument("--finetune-steps", type=int, help="max_steps of the fine-tunes (default: the recipe's 60)")
     parser.add_argument("--skip-train", action="store_true", help="only collect the outputs of earlier runs")
     parser.add_argument("--finetune-lrs", help="comma-separated learning rates: only the fine-tunes, at each rate")
+    parser.add_argument("--mini-variants", default="",
+                        help="';'-separated APOLLO-Mini flag sets run at each --finetune-lrs rate, e.g. '--apollo_scale 256'")
+    parser.add_argument("--reuse", action="store_true", help="don't train runs whose output_dir has results.json")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "apollo_quality_cpu.json"))
     ns = parser.parse_args()
     result = {"device": f"CPU ({platform.processor() or platform.machine()})", "date": time.strftime("%Y-%m-%d"),
               "runs": {}}
     lrs = [float(x) for x in ns.finetune_lrs.split(",")] if ns.finetune_lrs else None
-    for name, argv in (sweep(ns.finetune_steps, lrs) if lrs else runs(ns.finetune_steps)).items():
-        if not ns.skip_train:
+    variants = [v.strip() for v in ns.mini_variants.split(";") if v.strip()]
+    if variants and not lrs:
+        parser.error("--mini-variants needs --finetune-lrs")
+    for name, argv in (sweep(ns.finetune_steps, lrs, variants) if lrs else runs(ns.finetune_steps)).items():
+        done = (ROOT / argv[argv.index("--output_dir") + 1] / "results.json").exists()
+        if not ns.skip_train and not (ns.reuse and done):
             subprocess.run([sys.executable, "-m", "trainer_plugins", "train", *argv], cwd=ROOT, check=True)
         out = json.loads((ROOT / argv[argv.index("--output_dir") + 1] / "results.json").read_text())
         result["runs"][name] = {"command": "trainer-plugins train " + " ".join(argv), "before": out.get("before"),
@@ -82,6 +102,10 @@ def main():
         best = {opt: min((loss[f"finetune/{opt}@{lr:g}"], lr) for lr in lrs) for opt in ("adamw", "apollo-mini")}
         result["summary"] = {"best": {opt: {"eval_loss": v, "learning_rate": lr} for opt, (v, lr) in best.items()},
                              "mini_best_vs_adamw_best": best["apollo-mini"][0] / best["adamw"][0], "eval_loss": loss}
+        if variants:  # Mini with any of its settings, at its best, against AdamW at its best
+            mini = min((v, name) for name, v in loss.items() if name.startswith("finetune/apollo-mini"))
+            result["summary"]["mini_any_best"] = {"run": mini[1], "eval_loss": mini[0],
+                                                  "vs_adamw_best": mini[0] / best["adamw"][0]}
         print(json.dumps(result["summary"], indent=2))
         Path(ns.out).write_text(json.dumps(result, indent=2) + "\n")
         return
