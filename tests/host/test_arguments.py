@@ -8,6 +8,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from trainer_plugins import ConfigError
 from trainer_plugins.arguments import PluginArgumentParser, arguments_class, check_value
+from trainer_plugins.recipes import load_recipe, translate_renamed_keys
 
 
 @pytest.fixture
@@ -99,12 +100,9 @@ def test_default_class_has_the_installed_plugins():
         assert set(spec.flag_names()) <= flags
 
 
-
 @pytest.mark.parametrize("valid", [["gradient_checkpointing", "gradient_checkpointing_kwargs"],  # transformers 5.17
                                    ["gradient_checkpointing", "activation_checkpointing"]])  # later: both names
 def test_renamed_training_keys_work_with_either_name(valid):
-    from trainer_plugins.recipes import translate_renamed_keys
-
     for name in ("gradient_checkpointing", "activation_checkpointing"):
         expected = name if name in valid else "gradient_checkpointing"
         assert translate_renamed_keys({name: True, "learning_rate": 1e-4}, valid) == {expected: True,
@@ -116,8 +114,6 @@ def test_renamed_training_keys_work_with_either_name(valid):
 
 @pytest.mark.parametrize("name", ["gradient_checkpointing", "activation_checkpointing"])
 def test_recipe_with_either_checkpointing_name_loads(name, tmp_path):
-    from trainer_plugins.recipes import load_recipe
-
     recipe = load_recipe({"model": {"model_name_or_path": "x"}, "train": {"output_dir": str(tmp_path), name: True}},
                          load_config=False)
     assert recipe.args.gradient_checkpointing or getattr(recipe.args, "activation_checkpointing", False)
