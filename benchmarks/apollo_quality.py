@@ -21,8 +21,8 @@ compares each at its best rate (AdamW's recipe rate need not be APOLLO-Mini's):
 --mini-variants adds APOLLO-Mini runs with its own hyperparameters changed (';'-separated flag sets), at each
 rate; --reuse takes a run whose output directory already holds results.json instead of training it again:
 
-    python benchmarks/apollo_quality.py --finetune-lrs 3e-4,5e-4 --reuse \
-        --mini-variants "--apollo_scale 256;--apollo_scale 512;--apollo_scale_front" \
+    python benchmarks/apollo_quality.py --finetune-lrs 3e-4 --reuse --mini-variants \
+        "--apollo_scale 256;--apollo_scale 512;--apollo_scale 1024;--apollo_scale 2048;--apollo_scale_front" \
         --out benchmarks/results/apollo_finetune_mini_variants_cpu.json
 """
 
@@ -90,10 +90,10 @@ def main():
     if variants and not lrs:
         parser.error("--mini-variants needs --finetune-lrs")
     for name, argv in (sweep(ns.finetune_steps, lrs, variants) if lrs else runs(ns.finetune_steps)).items():
-        done = (ROOT / argv[argv.index("--output_dir") + 1] / "results.json").exists()
-        if not ns.skip_train and not (ns.reuse and done):
+        results = ROOT / argv[argv.index("--output_dir") + 1] / "results.json"
+        if not ns.skip_train and not (ns.reuse and results.exists()):
             subprocess.run([sys.executable, "-m", "trainer_plugins", "train", *argv], cwd=ROOT, check=True)
-        out = json.loads((ROOT / argv[argv.index("--output_dir") + 1] / "results.json").read_text())
+        out = json.loads(results.read_text())
         result["runs"][name] = {"command": "trainer-plugins train " + " ".join(argv), "before": out.get("before"),
                                 "after": out["after"], "train": out["train"],
                                 "optimizer_state_bytes": (out.get("memory") or {}).get("optimizer_state_bytes")}
