@@ -230,8 +230,11 @@ def run_case(name: str, method: BenchMethod, shape: dict, device: str, dtype: to
 
 
 def with_ratios(results: list[dict]) -> list[dict]:
-    base = results[0]
-    for r in results:
+    measured = [r for r in results if "median_step_s" in r]  # failed or skipped cases have no numbers
+    if not measured:
+        return results
+    base = measured[0]
+    for r in measured:
         r[f"step_vs_{base['method']}"] = round(r["median_step_s"] / base["median_step_s"], 3)
         if base["peak_gib"]:  # rounds to 0.0 below half a MiB
             r[f"peak_vs_{base['method']}"] = round(r["peak_gib"] / base["peak_gib"], 3)
@@ -287,20 +290,42 @@ def run(ns, host=None) -> int:
         raise ConfigError("bench needs --out FILE.json")
     dtype = getattr(torch, ns.dtype or ("bfloat16" if ns.device.startswith("cuda") else "float32"))
     shape = dict(SHAPES[ns.shape], **({"num_hidden_layers": ns.layers} if ns.layers else {}))
-    results = [run_case(m, available[m], shape, ns.device, dtype, ns.warmup, ns.steps) for m in chosen]
     report = {
         "shape": ns.shape, "config": shape, "dtype": str(dtype).replace("torch.", ""),
         "device": torch.cuda.get_device_name(0) if ns.device.startswith("cuda") else f"cpu ({platform.processor()})",
         "date": datetime.date.today().isoformat(), "torch": torch.__version__,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "warmup": ns.warmup, "steps": ns.steps, "results": with_ratios(results),
+        "warmup": ns.warmup, "steps": ns.steps, "results": [],
     }
     ns.out.parent.mkdir(parents=True, exist_ok=True)
-    ns.out.write_text(json.dumps(report, indent=2))
-    chart(report, ns.out.with_suffix(".png"))
-    for r in results:
-        print(json.dumps(r))
-    return 0
+    deadline = getattr(ns, "deadline", None)  # time.monotonic() after which no new case starts (gpu_session.py)
+    failed = 0
+    for name in chosen:
+        if deadline is not None and time.monotonic() > deadline:
+            result = {"method": name, "skipped": "out of time"}
+        else:
+            result = _case_or_error(name, available[name], shape, ns.device, dtype, ns.warmup, ns.steps)
+        failed += "error" in result
+        report["results"].append(result)
+        print(json.dumps(result), flush=True)
+        # written after every case: a run cut short (OOM, a time limit) keeps what finished
+        ns.out.write_text(json.dumps(dict(report, results=with_ratios(report["results"])), indent=2))
+    chart(dict(report, results=[r for r in report["results"] if "peak_gib" in r]), ns.out.with_suffix(".png"))
+    return 1 if failed else 0
+
+
+def _case_or_error(name, method, shape, device, dtype, warmup, steps) -> dict:
+    """One case; a failure (out of memory, a method that breaks on this device) is recorded, and the run goes
+    on with the next case."""
+    try:
+        return run_case(name, method, shape, device, dtype, warmup, steps)
+    except Exception as error:  # noqa: BLE001 -- recorded in the results, and the exit status says so
+        message = f"{type(error).__name__}: {error}"[:2000]
+    gc.collect()  # the failed case's model and optimizer, released with the traceback
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    print(f"bench: {name} failed: {message}", file=sys.stderr, flush=True)
+    return {"method": name, "error": message}
 
 
 def main(argv=None) -> int:

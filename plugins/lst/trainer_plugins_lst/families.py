@@ -14,6 +14,8 @@ import copy
 
 from trainer_plugins import ConfigError
 
+from .side import SIDE_SDPA
+
 DECODERS = ("llama", "mistral", "qwen2", "qwen3")
 ENCODERS = ("bert", "roberta")
 SUPPORTED = DECODERS + ENCODERS
@@ -124,5 +126,12 @@ def side_config(config, reduction: int):
     side.intermediate_size = config.intermediate_size // reduction
     if family(config.model_type) == "decoder":
         side.head_dim = head_dim(config) // reduction
-    # The attention implementation stays the backbone's: side layer i reuses the mask built for backbone layer i.
+        grouped = config.num_key_value_heads < config.num_attention_heads
+        if grouped and getattr(config, "_attn_implementation", None) == "sdpa":
+            # The float32 side network would reach SDPA with enable_gqa and land on the math kernel (flash needs
+            # 16-bit inputs; the memory-efficient kernel takes no GQA before torch 2.14): seq x seq scores per
+            # head and layer, more than full fine-tuning on a 1B shape. Its KV heads are tiny: repeat them first.
+            side._attn_implementation = SIDE_SDPA
+    # Otherwise the attention implementation stays the backbone's; either way side layer i reuses the mask built
+    # for backbone layer i (the side implementation takes sdpa's masks).
     return side

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import families
-from .side import LadderSide, SideOutput, SideStep
+from .side import SIDE_SDPA, LadderSide, SideOutput, SideStep
 
 
 @dataclass
@@ -49,6 +49,8 @@ def build(model, settings: SideSettings) -> LadderSide:
         attention = getattr(block, "self_attn", None)
         if attention is not None and hasattr(attention, "layer_idx"):
             attention.layer_idx = config.num_hidden_layers + k  # its KV slot, after the backbone's
+        if attention is not None and side_config._attn_implementation == SIDE_SDPA:
+            attention.num_key_value_groups = 1  # side_sdpa repeats the KV heads itself
         pairs = side_config.head_dim // 2 if kind == "decoder" else 0
         steps.append(SideStep(block, d, ds, pairs, float(getattr(rope, "attention_scaling", 1.0)),
                               settings.temperature, settings.alpha))

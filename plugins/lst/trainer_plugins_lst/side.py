@@ -28,6 +28,29 @@ import torch
 from torch import nn
 
 
+def side_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention with the KV heads repeated first (the side attention modules say
+    ``num_key_value_groups = 1``), so that no ``enable_gqa`` reaches the kernel: float32 grouped-query
+    attention would otherwise run on the math kernel (see families.side_config)."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    groups = query.shape[1] // key.shape[1]
+    return sdpa_attention_forward(module, query, repeat_kv(key, groups), repeat_kv(value, groups), attention_mask,
+                                  **kwargs)
+
+
+SIDE_SDPA = "lst_side_sdpa"
+
+
+def _register_side_attention():
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(SIDE_SDPA, side_sdpa)
+
+
+_register_side_attention()
+
+
 def rotary(inv_freq: torch.Tensor, position_ids: torch.Tensor, scaling: float, dtype: torch.dtype):
     """(cos, sin) of RoPE for the given frequencies (the convention of transformers' rotate_half)."""
     freqs = position_ids[:, :, None].float() * inv_freq[None, None, :].float()

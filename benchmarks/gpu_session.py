@@ -1,0 +1,101 @@
+"""One GPU session's benchmark groups, in one process, most wanted first, inside a time budget.
+
+Each group is one `trainer-plugins bench` run (methods against the baselines in the same run); every case is
+written as soon as it is done and, after every group, the whole results folder is packed into one archive
+under --pack (a session cut short keeps what finished; the device tool returns at most 8 files). A case
+that fails (out of memory, a method broken on this device) is recorded and the next one runs.
+
+    python benchmarks/gpu_session.py --results /tmp/gpu-results --pack $OUT --budget 480
+    SHAPE_SMALL=tiny SHAPE_LARGE=tiny python benchmarks/gpu_session.py --device cpu ...   # a dry run on a CPU
+
+Run by gpu_session.sh, which installs the carried wheels and the project first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+
+def groups(small: str, large: str) -> list[tuple[str, str, int | None, list[str]]]:
+    """(name, shape, layers, methods), in the order the open issues need them."""
+    return [
+        ("meft", small, None, ["adamw", "lora", "lora-checkpointing", "meft"]),  # issue 7, and 8 for every case
+        ("apollo", small, None, ["adamw", "sgd", "apollo-torch", "apollo-torch-mini", "apollo", "apollo-mini",
+                                 "apollo-mini-layerwise"]),  # issue 3
+        ("lst", large, None, ["adamw", "lora-r16", "qlora-r16-peft", "lst", "lst-4bit"]),  # issue 6's bar: 7B
+        ("loram", small, None, ["lora", "qlora-peft", "qlora-peft-no-checkpointing", "loram-50", "loram-65",
+                                "qloram-65"]),  # issue 5's bar: 1B
+        ("apollo", large, None, ["adamw", "sgd", "apollo-torch-mini", "apollo-mini", "apollo"]),
+        ("lst", small, None, ["adamw", "lora-r16", "qlora-r16-peft", "lst", "lst-4bit"]),
+        ("loram", large, None, ["lora", "qlora-peft", "loram-65", "qloram-65"]),
+        *[("meft", small, n, ["lora", "meft"]) for n in (12, 24, 48)],  # activation memory vs depth
+    ]
+
+
+def pack(results: Path, into: Path) -> None:
+    into.mkdir(parents=True, exist_ok=True)
+    partial = into / "gpu-results.tgz.partial"
+    with tarfile.open(partial, "w:gz") as tar:
+        tar.add(results, arcname="gpu-results")
+    partial.replace(into / "gpu-results.tgz")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", type=Path, required=True, help="folder for the JSON and PNG files")
+    p.add_argument("--pack", type=Path, help="folder that receives gpu-results.tgz after every group")
+    p.add_argument("--budget", type=float, default=480, help="seconds after which no new case starts")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default=None)
+    ns = p.parse_args(argv)
+    deadline = time.monotonic() + ns.budget
+
+    import torch
+
+    from trainer_plugins import bench
+
+    device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    small, large = os.environ.get("SHAPE_SMALL", "1b"), os.environ.get("SHAPE_LARGE", "7b")
+    ns.results.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for name, shape, layers, methods in groups(small, large):
+        label = f"{name}-{shape}" + (f"-{layers}-layers" if layers else "")
+        if time.monotonic() > deadline:
+            print(f"skipped {label}: out of time", flush=True)
+            failed.append(f"{label} (skipped)")
+            continue
+        print(f"== {label}", flush=True)
+        args = argparse.Namespace(shape=shape, methods=methods, device=device, dtype=None, layers=layers,
+                                  warmup=ns.warmup, steps=ns.steps, out=ns.results / f"{label}.json",
+                                  deadline=deadline)
+        try:
+            if bench.run(args):
+                failed.append(label)
+        except Exception as error:  # noqa: BLE001 -- one broken group must not cost the others
+            print(f"{label} failed: {type(error).__name__}: {error}", flush=True)
+            failed.append(label)
+        if ns.pack:
+            pack(ns.results, ns.pack)
+    if device.startswith("cuda") and time.monotonic() < deadline:  # 2:4 inference (issue 4), a separate process
+        command = [sys.executable, str(Path(__file__).with_name("sparse_semi_structured.py")), "--shape", small,
+                   "--out", str(ns.results / f"sparse-semi-structured-{small}.json")]
+        try:
+            if subprocess.run(command, timeout=max(30.0, deadline - time.monotonic() + 60)).returncode:
+                failed.append("sparse-semi-structured")
+        except subprocess.TimeoutExpired:
+            failed.append("sparse-semi-structured (timed out)")
+        if ns.pack:
+            pack(ns.results, ns.pack)
+    print("failed or skipped: " + (", ".join(failed) or "none"), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
