@@ -65,8 +65,11 @@ def main(argv=None) -> int:
     small, large = os.environ.get("SHAPE_SMALL", "1b"), os.environ.get("SHAPE_LARGE", "7b")
     ns.results.mkdir(parents=True, exist_ok=True)
     failed = []
-    for name, shape, layers, methods in groups(small, large):
-        label = f"{name}-{shape}" + (f"-{layers}-layers" if layers else "")
+    only = os.environ.get("BENCH_GROUPS", "").split()  # e.g. BENCH_GROUPS="lst-7b meft-1b-48-layers": those, in that order
+    chosen = {f"{name}-{shape}" + (f"-{layers}-layers" if layers else ""): (shape, layers, methods)
+              for name, shape, layers, methods in groups(small, large)}
+    for label in only or list(chosen):
+        shape, layers, methods = chosen[label]
         if time.monotonic() > deadline:
             print(f"skipped {label}: out of time", flush=True)
             failed.append(f"{label} (skipped)")
@@ -83,7 +86,7 @@ def main(argv=None) -> int:
             failed.append(label)
         if ns.pack:
             pack(ns.results, ns.pack)
-    if device.startswith("cuda") and time.monotonic() < deadline:  # 2:4 inference (issue 4), a separate process
+    if device.startswith("cuda") and not only and time.monotonic() < deadline:  # 2:4 inference (issue 4), a separate process
         command = [sys.executable, str(Path(__file__).with_name("sparse_semi_structured.py")), "--shape", small,
                    "--out", str(ns.results / f"sparse-semi-structured-{small}.json")]
         try:

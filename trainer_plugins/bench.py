@@ -6,7 +6,8 @@ after another, against the baselines in the same run.
 Every case builds the same random-weight Llama of the chosen shape (memory and speed do not depend on the
 values), runs warm-up steps, then timed steps (forward + backward + optimizer step on random tokens), and
 records the peak memory allocated (torch.cuda.max_memory_allocated, reset once the model exists, so the build
-transient is excluded), what the last step's forward + backward add above the resting state
+transient is excluded; counted above what was allocated before the case began, and what the case leaves
+allocated is reported as ``left_behind_gib``), what the last step's forward + backward add above the resting state
 (``activation_gib``), the median step time, and the peak ``trainer-plugins estimate`` predicts for the same
 steps (``estimate_gib``, ``estimate_vs_peak``: the estimate checked on every run). On a CPU the peak comes from
 one more step under the profiler (its allocator events), so the estimate is checked there too. JSON with the
@@ -174,6 +175,10 @@ def run_case(name: str, method: BenchMethod, shape: dict, device: str, dtype: to
     from .memory import optimizer_state_bytes
 
     estimate = estimate_case(method, shape, dtype, device=device)
+    cuda = device.startswith("cuda")
+    # Whatever an earlier case left allocated is not this case's: peaks are counted above it (and what this
+    # case leaves behind is reported, so a leak shows).
+    already_allocated = torch.cuda.memory_allocated() if cuda else 0
     torch.manual_seed(0)
     model = build_model(shape, device, dtype)
     if method.prepare is not None:
@@ -182,7 +187,6 @@ def run_case(name: str, method: BenchMethod, shape: dict, device: str, dtype: to
     optimizer = (method.optimizer or adamw_over_trainable)(model, 1e-4)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     tokens = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"]), device=device)
-    cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -204,7 +208,7 @@ def run_case(name: str, method: BenchMethod, shape: dict, device: str, dtype: to
     step = statistics.median(times)
     if cuda:
         last_peak = torch.cuda.max_memory_allocated()
-        peak = max(peak_so_far, last_peak)
+        peak = max(peak_so_far, last_peak) - already_allocated
     else:  # one more step, under the profiler: its allocator events give the peak and what the step added
         before_last = resident_bytes(model) + optimizer_state_bytes(optimizer)
         last_peak = peak = measure_training(model, optimizer, lambda: {"input_ids": tokens, "labels": tokens},
@@ -222,10 +226,11 @@ def run_case(name: str, method: BenchMethod, shape: dict, device: str, dtype: to
         "tokens_per_s": round(shape["batch"] * shape["seq"] / step, 1),
         "final_loss": round(float(loss.detach()), 4),
     }
-    del model, optimizer, loss
+    del model, optimizer, loss, tokens
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
+        result["left_behind_gib"] = round((torch.cuda.memory_allocated() - already_allocated) / 2**30, 3)
     return result
 
 

@@ -6,13 +6,12 @@ from trainer_plugins.bench import BenchMethod, decoder_linear_groups
 
 def _ours(rank, scale, scale_type, layerwise=False):
     def build(model, lr):
-        from .optimizer import APOLLO
+        from .optimizer import APOLLO, register_layerwise_hooks
 
         opt = APOLLO(decoder_linear_groups(model, rank=rank, scale=scale, scale_type=scale_type, update_proj_gap=200),
                      lr=lr)
         if layerwise:  # the update runs as each gradient is ready; step() then has nothing left to do
-            for p in model.parameters():
-                p.register_post_accumulate_grad_hook(opt.step_parameter)
+            register_layerwise_hooks(model.parameters(), opt)
         return opt
 
     return build

@@ -27,7 +27,8 @@ norms, biases, lm_head) run AdamW in the same optimizer. The arithmetic follows 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+import weakref
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -322,3 +323,23 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
         return sum(size(v) for v in value.values()) if isinstance(value, dict) else 0
 
     return sum(size(s) for s in optimizer.state.values())
+
+
+def register_layerwise_hooks(params: Iterable[torch.Tensor], optimizer: APOLLO,
+                             ready: Optional[Callable[[], bool]] = None) -> list:
+    """Layer-wise mode: step each parameter from its post-accumulate-grad hook (when ``ready()``, e.g. on the
+    last micro-batch), so full gradients never coexist. Returns the hook handles.
+
+    The hooks hold the optimizer weakly: a hook that held it strongly would close a cycle (parameter -> hook ->
+    optimizer -> parameter) through autograd's C++ hook storage, which the garbage collector cannot see, so
+    the model and its optimizer would outlive training (measured: a 1B model's 2.5 GiB stayed allocated on the
+    GPU after the bench case ended)."""
+    step = weakref.WeakMethod(optimizer.step_parameter)
+
+    def hook(p):
+        step_parameter = step()
+        if step_parameter is not None and (ready is None or ready()):
+            step_parameter(p)
+
+    return [p.register_post_accumulate_grad_hook(hook) for p in params if p.requires_grad]
+

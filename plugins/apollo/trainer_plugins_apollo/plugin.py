@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -131,17 +132,18 @@ def install_layerwise_hooks(model, optimizer, trainer) -> None:
     APOLLO state, so checkpoints and resume work as without layer-wise mode. ``optimizer.step()``
     (called by the Trainer) finds no gradients left and does nothing.
     """
+    from .optimizer import register_layerwise_hooks
+
     for handle in getattr(model, "_apollo_layerwise_hooks", []):  # a second create_optimizer call
         handle.remove()
+    accelerator = weakref.ref(trainer.accelerator)  # weakly, like the optimizer (see register_layerwise_hooks)
 
-    def step_when_complete(p):
+    def last_micro_batch() -> bool:
         # With gradient accumulation, earlier micro-batches only accumulate into p.grad.
-        if trainer.accelerator.sync_gradients:
-            optimizer.step_parameter(p)
+        live = accelerator()
+        return live is not None and live.sync_gradients
 
-    model._apollo_layerwise_hooks = [
-        p.register_post_accumulate_grad_hook(step_when_complete) for p in model.parameters() if p.requires_grad
-    ]
+    model._apollo_layerwise_hooks = register_layerwise_hooks(model.parameters(), optimizer, last_micro_batch)
 
 
 @hookimpl
