@@ -46,3 +46,56 @@ def test_depth_override_and_bad_input(tmp_path, capsys):
         from trainer_plugins.bench import run
 
         run(Namespace(methods=["lora"], out=None))
+
+
+def test_a_failing_case_is_recorded_and_the_next_one_runs(tmp_path, capsys):
+    """One broken method (an OOM on the GPU, say) must not cost the rest of a paid GPU session."""
+    from trainer_plugins.bench import BenchMethod
+
+    def broken(model, lr):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    host_methods = dict(methods(), broken=BenchMethod(optimizer=broken))
+    from argparse import Namespace
+    from unittest import mock
+
+    from trainer_plugins import bench
+
+    out = tmp_path / "f.json"
+    ns = Namespace(methods=["broken", "sgd"], out=out, device="cpu", dtype=None, shape="tiny", layers=None,
+                   warmup=0, steps=1)
+    with mock.patch.object(bench, "methods", return_value=host_methods):
+        assert bench.run(ns) == 1  # the exit status says a case failed
+    results = json.loads(out.read_text())["results"]
+    assert results[0] == {"method": "broken", "error": "RuntimeError: CUDA out of memory (simulated)"}
+    assert results[1]["method"] == "sgd" and results[1]["peak_gib"] >= 0 and results[1]["step_vs_sgd"] == 1.0
+    assert "broken failed" in capsys.readouterr().err
+
+
+def test_gpu_summary_measures_the_leftover_offset_from_repeated_cases(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "gpu_summary.py"
+    spec = importlib.util.spec_from_file_location("gpu_summary", path)
+    summary_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary_module)
+
+    def report(shape, rows):
+        return {"shape": shape, "device": "GPU", "torch": "2.x", "dtype": "bfloat16", "date": "d", "warmup": 1,
+                "steps": 1, "results": [dict(method=m, layers=2, peak_gib=p, activation_gib=1.0, param_gib=0.5,
+                                             median_step_s=0.1, tokens_per_s=10.0, estimate_gib=e)
+                                        for m, p, e in rows]}
+
+    groups = {"meft-1b": report("1b", [("adamw", 10.0, 10.0), ("lora", 8.0, 8.0)]),
+              "apollo-1b": report("1b", [("adamw", 10.0, 10.0)]),
+              "lst-7b": report("7b", [("adamw", 52.0, 50.0)]),
+              "loram-1b": report("1b", [("lora", 10.0, 8.0)]),
+              "lst-1b": report("1b", [("adamw", 12.0, 10.0)])}
+    s = summary_module.summarise(groups, "apollo-1b")
+    assert s["leftover_correction"]["offset_gib"] == 2.0
+    peaks = {(r["group"], r["method"]): r["peak_gib"] for r in s["results"]}
+    assert peaks[("meft-1b", "adamw")] == 10.0 and peaks[("lst-7b", "adamw")] == 50.0
+    assert s["estimate_within_10_percent"] == "6 of 6"
+    with pytest.raises(SystemExit, match="cannot be measured"):
+        summary_module.summarise({"meft-1b": groups["meft-1b"], "lst-7b": groups["lst-7b"]}, "meft-1b")
