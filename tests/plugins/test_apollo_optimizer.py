@@ -103,9 +103,33 @@ def test_state_is_plain_data():
     assert walk(opt.state_dict())
 
 
-def test_no_host_sync_in_step(monkeypatch):
+@pytest.mark.parametrize("limiter, scale_front", [(True, False), (True, True), (False, False)])
+def test_tensor_scaling_batched_over_weights_equals_the_per_weight_loop(monkeypatch, limiter, scale_front):
+    """APOLLO-Mini steps all of a group's weights with one vector of per-weight scalars; the result must be
+    bit for bit the per-weight loop's (the path taken when weights differ in dtype, device or step)."""
+    from trainer_plugins_apollo import optimizer as apollo_optimizer
+
+    def train(batched):
+        monkeypatch.setattr(apollo_optimizer, "_alike", lambda params, states: batched)
+        mats, bias = make_params()
+        opt = APOLLO(groups(mats, bias, rank=1, scale=128.0, scale_type="tensor"), lr=1e-3,
+                     norm_growth_limiter=limiter, scale_front=scale_front)
+        run(opt, mats + [bias], 25)
+        return mats + [bias], opt.state_dict()
+
+    (batched, batched_state), (looped, looped_state) = train(True), train(False)
+    for a, b in zip(batched, looped):
+        assert torch.equal(a, b)
+    for key, state in looped_state["state"].items():
+        for name, value in state.items():
+            other = batched_state["state"][key][name]
+            assert torch.equal(value, other) if torch.is_tensor(value) else value == other
+
+
+@pytest.mark.parametrize("scale_type", ["channel", "tensor"])
+def test_no_host_sync_in_step(monkeypatch, scale_type):
     mats, bias = make_params()
-    opt = APOLLO(groups(mats, bias), lr=1e-3)
+    opt = APOLLO(groups(mats, bias, scale_type=scale_type), lr=1e-3)
     run(opt, mats + [bias], 1)
 
     def guard(name):

@@ -190,6 +190,9 @@ class APOLLO(torch.optim.Optimizer):
         m, denom = _adam_moments(group, states, projected)
         normalized = torch._foreach_div(m, denom)
         alpha = math.sqrt(group["scale"])
+        if group["scale_type"] == "tensor" and _alike(params, states):
+            self._tensor_scaled(group, params, grads, projected, normalized, states, alpha)
+            return
         for p, g, r, n, state in zip(params, grads, projected, normalized, states):
             rows = p.shape[0] >= p.shape[1]  # channels are rows when the projection is on the right
             if group["scale_type"] == "channel":
@@ -211,6 +214,30 @@ class APOLLO(torch.optim.Optimizer):
                 else:
                     state["limiter_norm"] = update_norm.clone()
             p.addcmul_(g, (factor * coef).to(p.dtype))
+
+    def _tensor_scaled(self, group, params, grads, projected, normalized, states, alpha) -> None:
+        """Tensor scaling (APOLLO-Mini) for all of a group's weights at once: the per-weight scalars (norms,
+        scaling factor, limiter) live in one vector, so a step launches two kernels per weight (projection,
+        update) and a few for the group, where the per-weight loop launched about fifteen per weight. On a
+        GPU the loop's launches, not arithmetic, made Mini's step 1.30x fused AdamW's on a 1B shape. Same
+        arithmetic, element by element, as the loop in _apollo."""
+        factor = torch.stack(torch._foreach_norm(normalized)) / (torch.stack(torch._foreach_norm(projected)) + 1e-8)
+        update_norm = factor * torch.stack(torch._foreach_norm(grads))  # ||G * s|| without building G * s
+        coef = torch.full(factor.shape, -_step_size(group, states[0]["step"]) * alpha, device=factor.device,
+                          dtype=torch.float32)
+        if self.norm_growth_limiter:
+            if self.scale_front:
+                update_norm = update_norm * alpha
+            if "limiter_norm" in states[0]:
+                previous = [s["limiter_norm"] for s in states]
+                limiter = torch.clamp(update_norm / (torch.stack(previous) + 1e-8), min=1.01) / 1.01
+                coef = coef / limiter
+                torch._foreach_copy_(previous, list((update_norm / limiter).unbind()))
+            else:
+                for s, value in zip(states, update_norm.unbind()):
+                    s["limiter_norm"] = value.clone()  # its own tensor in the state, as the loop stores it
+        for p, g, scale in zip(params, grads, (factor * coef).to(params[0].dtype).unbind()):
+            p.addcmul_(g, scale)
 
     def _project(self, group: dict, p: torch.Tensor) -> torch.Tensor:
         state = self._state(p, like=None)
@@ -238,6 +265,13 @@ class APOLLO(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
         state["step"] += 1
         return state
+
+
+def _alike(params: list[torch.Tensor], states: list[dict]) -> bool:
+    """Whether a group's weights can share one vector of per-weight scalars: one device, one dtype, the same
+    step count and the same limiter state (always so, except for weights added to a running optimizer)."""
+    return (len({(p.device, p.dtype) for p in params}) == 1 and len({s["step"] for s in states}) == 1
+            and len({"limiter_norm" in s for s in states}) == 1)
 
 
 def _adam_moments(group: dict, states: list[dict], xs: list[torch.Tensor]):
