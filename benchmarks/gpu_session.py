@@ -25,15 +25,20 @@ from pathlib import Path
 def groups(small: str, large: str) -> list[tuple[str, str, int | None, list[str]]]:
     """(name, shape, layers, methods), in the order the open issues need them."""
     return [
-        ("meft", small, None, ["adamw", "lora", "lora-checkpointing", "meft"]),  # issue 7, and 8 for every case
+        # what changed since the 2026-11-27 session first: LST under bf16 autocast (the recipes' setting),
+        # APOLLO-Mini's batched tensor scaling, the sparse plugin's overhead bars (issue 4), the 13B LoRAM shape
+        ("lst", large, None, ["adamw", "lora-r16", "qlora-r16-peft", "lst", "lst-4bit", "lst-autocast",
+                              "lst-4bit-autocast"]),  # issue 6's bar: 7B
         ("apollo", small, None, ["adamw", "sgd", "apollo-torch", "apollo-torch-mini", "apollo", "apollo-mini",
                                  "apollo-mini-layerwise"]),  # issue 3
-        ("lst", large, None, ["adamw", "lora-r16", "qlora-r16-peft", "lst", "lst-4bit"]),  # issue 6's bar: 7B
+        ("sparse", small, None, ["adamw", "sparse-50", "sparse-prune-every-step"]),  # issue 4
+        ("loram", "13b", None, ["lora", "qlora-peft", "loram-50", "loram-65", "qloram-65"]),  # issue 5: 7B, 13B
+        ("loram", large, None, ["lora", "qlora-peft", "loram-50", "loram-65", "qloram-65"]),
+        ("meft", small, None, ["adamw", "lora", "lora-checkpointing", "meft"]),  # issue 7
         ("loram", small, None, ["lora", "qlora-peft", "qlora-peft-no-checkpointing", "loram-50", "loram-65",
-                                "qloram-65"]),  # issue 5's bar: 1B
-        ("apollo", large, None, ["adamw", "sgd", "apollo-torch-mini", "apollo-mini", "apollo"]),
-        ("lst", small, None, ["adamw", "lora-r16", "qlora-r16-peft", "lst", "lst-4bit"]),
-        ("loram", large, None, ["lora", "qlora-peft", "loram-65", "qloram-65"]),
+                                "qloram-65"]),
+        ("apollo", large, None, ["adamw", "sgd", "apollo-torch", "apollo-torch-mini", "apollo-mini", "apollo"]),
+        ("lst", small, None, ["adamw", "lora-r16", "qlora-r16-peft", "lst", "lst-4bit", "lst-autocast"]),
         *[("meft", small, n, ["lora", "meft"]) for n in (12, 24, 48)],  # activation memory vs depth
     ]
 

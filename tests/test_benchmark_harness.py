@@ -17,7 +17,7 @@ def test_every_method_runs_and_the_report_is_complete(tmp_path):
     report = json.loads(out.read_text())
     names = [r["method"] for r in report["results"]]
     assert names == list(methods()) and names[:len(BASELINES)] == list(BASELINES)
-    for plugin_method in ("apollo-mini", "loram-65", "qloram-65", "lst", "lst-4bit", "meft"):
+    for plugin_method in ("apollo-mini", "loram-65", "qloram-65", "lst", "lst-4bit", "meft", "sparse-50"):
         assert plugin_method in names  # from the plugins' benchmark_methods hooks
     for key in ("device", "date", "command", "torch", "shape", "dtype"):
         assert report[key]
@@ -25,6 +25,11 @@ def test_every_method_runs_and_the_report_is_complete(tmp_path):
         assert r["median_step_s"] > 0 and r["tokens_per_s"] > 0 and r["step_vs_adamw"] > 0
         assert r["estimate_gib"] >= r["param_gib"] > 0  # every case can be estimated (meta device)
         # ... and the estimate is the peak the CPU allocator saw in the step (seen: 0.985-1.015)
+        if r["method"] == "sparse-prune-every-step":
+            # a prune event's workspace (two 65536-bin int64 histograms, one weight's scores) is not part of
+            # the training estimate: at this tiny shape it tops the step's own peak, by at most ~2 MiB
+            assert 0 <= r["peak_gib"] - r["estimate_gib"] <= 0.002, r
+            continue
         assert 0.95 < r["estimate_vs_peak"] < 1.05, r
     # random tokens over 1000 ids: three small steps leave every method's loss near ln(1000) = 6.9
     losses = {r["method"]: r["final_loss"] for r in report["results"]}

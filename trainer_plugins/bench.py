@@ -21,6 +21,7 @@ the ``benchmark_methods`` hook (see ``BenchMethod``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -51,11 +52,14 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 class BenchMethod:
     """A training method for the bench. ``prepare(model) -> model`` changes the model first (adapters,
     pruning, 4-bit; default: none); ``optimizer(model, lr)`` builds the optimizer (default: fused AdamW
-    over the trainable parameters)."""
+    over the trainable parameters). ``autocast``: forward and loss under torch.autocast to the bench's
+    16-bit dtype, as the Trainer runs with ``bf16: true`` (matters where trainable weights are float32; the
+    estimate does not simulate autocast, so its prediction for such a case is an upper bound)."""
 
     prepare: Optional[Callable] = None
     optimizer: Optional[Callable] = None
     description: str = ""
+    autocast: bool = False
 
 
 def adamw_over_trainable(model, lr):
@@ -187,6 +191,8 @@ def run_case(name: str, method: BenchMethod, shape: dict, device: str, dtype: to
     optimizer = (method.optimizer or adamw_over_trainable)(model, 1e-4)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     tokens = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"]), device=device)
+    autocast = (torch.autocast(torch.device(device).type, dtype=dtype) if method.autocast and dtype != torch.float32
+                else contextlib.nullcontext())
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -197,7 +203,8 @@ def run_case(name: str, method: BenchMethod, shape: dict, device: str, dtype: to
             before_last, peak_so_far = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        loss = model(input_ids=tokens, labels=tokens).loss
+        with autocast:
+            loss = model(input_ids=tokens, labels=tokens).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -1,5 +1,6 @@
 """LST's methods for `trainer-plugins bench`: a frozen (optionally NF4) backbone and a float32 side network of
-width d/8 on every layer (random init: memory and speed do not depend on the values)."""
+width d/8 on every layer (random init: memory and speed do not depend on the values); the ``-autocast`` ones
+run it as the recipes do with ``bf16: true`` (bf16 matmuls over the float32 side weights)."""
 
 from trainer_plugins.bench import BenchMethod, nf4
 
@@ -27,4 +28,8 @@ def _lst(reduction=8, four_bit=False):
 METHODS = {
     "lst": BenchMethod(prepare=_lst(), description="LST r8 side network, frozen backbone"),
     "lst-4bit": BenchMethod(prepare=_lst(four_bit=True), description="LST r8 side network, NF4 backbone"),
+    # as the recipes train (bf16: true): the float32 side network's matmuls under bf16 autocast
+    "lst-autocast": BenchMethod(prepare=_lst(), autocast=True, description="LST r8, bf16 autocast (bf16: true)"),
+    "lst-4bit-autocast": BenchMethod(prepare=_lst(four_bit=True), autocast=True,
+                                     description="LST r8, NF4 backbone, bf16 autocast (bf16: true)"),
 }

@@ -427,3 +427,10 @@ def _fit_scaling_command(ns) -> int:
     for pred in predictions:
         print(f"predicted loss at N={pred['N']:.4g}, D={pred['D']:.4g}: {pred['loss']:.4f}")
     return 0
+
+
+@hookimpl
+def benchmark_methods():
+    from .bench import METHODS
+
+    return METHODS
