@@ -53,8 +53,9 @@ class BenchMethod:
     """A training method for the bench. ``prepare(model) -> model`` changes the model first (adapters,
     pruning, 4-bit; default: none); ``optimizer(model, lr)`` builds the optimizer (default: fused AdamW
     over the trainable parameters). ``autocast``: forward and loss under torch.autocast to the bench's
-    16-bit dtype, as the Trainer runs with ``bf16: true`` (matters where trainable weights are float32; the
-    estimate does not simulate autocast, so its prediction for such a case is an upper bound)."""
+    16-bit dtype, as the Trainer runs with ``bf16: true`` (matters where trainable weights are float32). The
+    estimate does not simulate autocast (16-bit activations, the 16-bit weight copies it caches): for such a
+    case it is approximate."""
 
     prepare: Optional[Callable] = None
     optimizer: Optional[Callable] = None

@@ -197,3 +197,7 @@ def test_architectures():
     assert check_architecture(CONFIGS["qwen2"]()) is None
     assert "Llama-family" in check_architecture(GPT2Config())
     assert kept_count(3, 0.5) == 2 and kept_count(8, 0.85) == 1 and kept_count(4, 0.99) == 1 and kept_count(5, 0) == 5
+    # aligned to a multiple where the size is one: 11008 neurons at 65% -> 3853 exact, 3840 aligned to 64
+    assert kept_count(11008, 0.65) == 3853 and kept_count(11008, 0.65, 64) == 3840
+    assert kept_count(1536, 0.5, 64) == 768 and kept_count(128, 0.9, 64) == 64 and kept_count(96, 0.5, 64) == 48
+    assert kept_count(128, 0, 64) == 128

@@ -10,7 +10,7 @@ def _loram(ratio, four_bit=False):
         from .storage import trainable_in_float32
 
         structured_plan(model, ratio_attn=ratio, ratio_mlp=ratio, keep_first=4, keep_last=2,
-                        importance="random").apply(model)
+                        importance="random", neuron_multiple=64).apply(model)
         if four_bit:
             nf4(model)
         model = lora()(model)

@@ -48,6 +48,9 @@ class LoramArguments:
                                        "(structured) or weights (unstructured)."})
     loram_attn_ratio: Optional[float] = field(default=None, metadata={"help": "Attention ratio (default loram_ratio)."})
     loram_mlp_ratio: Optional[float] = field(default=None, metadata={"help": "MLP ratio (default loram_ratio)."})
+    loram_neuron_multiple: int = field(default=64, metadata={
+        "help": "Round the MLP neurons a structurally pruned layer keeps to a multiple of this, when the intermediate "
+                "size is one (aligned inner dimensions for tensor cores and 4-bit kernels); 1 = the exact ratio."})
     loram_keep_first_layers: int = field(default=4, metadata={"help": "Leading decoder layers kept dense."})
     loram_keep_last_layers: int = field(default=2, metadata={"help": "Trailing decoder layers kept dense."})
     loram_calibration_dataset: str = field(
@@ -136,6 +139,8 @@ def validate(args, model_args, model_config):
     if n_m is not None and args.loram_ratio != 0.5 and args.loram_ratio != 1 - n_m[0] / n_m[1]:
         logger.warning("loram_pruning %s fixes the sparsity at %g; loram_ratio is ignored", args.loram_pruning,
                        1 - n_m[0] / n_m[1])
+    if args.loram_neuron_multiple < 1:
+        raise ConfigError(f"loram_neuron_multiple must be >= 1 (1 = the exact ratio), got {args.loram_neuron_multiple}")
     if args.loram_keep_first_layers < 0 or args.loram_keep_last_layers < 0:
         raise ConfigError("loram_keep_first_layers and loram_keep_last_layers must be >= 0")
     if args.loram_calibration_samples < 1 or args.loram_calibration_seq_length < 8:
@@ -179,7 +184,8 @@ def _check_model(args, config, structured: bool) -> None:
     if structured:
         attn, mlp = ratios(args)
         logger.info("loram: each pruned layer keeps %d of %d KV heads (with their query heads) and %d of %d neurons",
-                    kept_count(g.num_kv_heads, attn), g.num_kv_heads, kept_count(g.intermediate_size, mlp),
+                    kept_count(g.num_kv_heads, attn), g.num_kv_heads,
+                    kept_count(g.intermediate_size, mlp, args.loram_neuron_multiple),
                     g.intermediate_size)
     n_m = parse_pruning(args.loram_pruning)
     if n_m is not None and (g.hidden_size % n_m[1] or g.intermediate_size % n_m[1]):
@@ -277,12 +283,14 @@ def make_plan(model, args, tokenizer_fn):
     common = dict(keep_first=args.loram_keep_first_layers, keep_last=args.loram_keep_last_layers,
                   importance=args.loram_importance, batches=batches, seed=args.seed, reduce=_broadcast())
     if args.loram_pruning == "structured":
-        plan = structured_plan(model, ratio_attn=attn, ratio_mlp=mlp, **common)
+        plan = structured_plan(model, ratio_attn=attn, ratio_mlp=mlp, neuron_multiple=args.loram_neuron_multiple,
+                               **common)
     else:
         plan = unstructured_plan(model, kind=args.loram_pruning, ratio=args.loram_ratio, **common)
     plan.settings = {"pruning": args.loram_pruning, "importance": args.loram_importance, "attn_ratio": attn,
                      "mlp_ratio": mlp, "keep_first_layers": args.loram_keep_first_layers,
                      "keep_last_layers": args.loram_keep_last_layers, "seed": args.seed,
+                     "neuron_multiple": args.loram_neuron_multiple,
                      **({"calibration": {"dataset": args.loram_calibration_dataset,
                                          "samples": args.loram_calibration_samples,
                                          "seq_length": args.loram_calibration_seq_length}} if batches else {})}
@@ -376,7 +384,8 @@ def estimate_model(model, args, model_args):
     elif args.loram_pruning == "structured":
         attn, mlp = ratios(args)
         plan = structured_plan(model, ratio_attn=attn, ratio_mlp=mlp, keep_first=args.loram_keep_first_layers,
-                               keep_last=args.loram_keep_last_layers, importance="random", seed=args.seed)
+                               keep_last=args.loram_keep_last_layers, importance="random", seed=args.seed,
+                               neuron_multiple=args.loram_neuron_multiple)
     else:  # 2:4 / unstructured masks keep every shape: nothing to apply
         plan = PruningPlan(args.loram_pruning, Geometry.from_config(model.config))
     if plan.structured:
