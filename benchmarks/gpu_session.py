@@ -73,6 +73,9 @@ def main(argv=None) -> int:
     only = os.environ.get("BENCH_GROUPS", "").split()  # e.g. BENCH_GROUPS="lst-7b meft-1b-48-layers": those, in that order
     chosen = {f"{name}-{shape}" + (f"-{layers}-layers" if layers else ""): (shape, layers, methods)
               for name, shape, layers, methods in groups(small, large)}
+    unknown = [label for label in only if label not in chosen]
+    if unknown:
+        raise SystemExit(f"BENCH_GROUPS: unknown {unknown}; known: {' '.join(chosen)}")
     for label in only or list(chosen):
         shape, layers, methods = chosen[label]
         if time.monotonic() > deadline:

@@ -29,25 +29,24 @@ ORDER = ["meft-1b", "apollo-1b", "lst-7b", "loram-1b", "apollo-7b", "lst-1b", "l
 
 
 def load(raw: Path) -> dict[str, dict]:
-    """The bench reports (every JSON with ``results``), in ORDER, then any other group by name."""
+    """The bench reports (every JSON with ``results``) in the order they ran: ORDER, then others by name."""
     reports = {p.stem: json.loads(p.read_text()) for p in sorted(raw.glob("*.json"))}
     reports = {name: r for name, r in reports.items() if "results" in r}
-    for name in sorted(reports):
-        if name not in ORDER:
-            ORDER.append(name)
-    return {name: reports[name] for name in ORDER if name in reports}
+    ranked = sorted(reports, key=lambda name: (ORDER.index(name) if name in ORDER else len(ORDER), name))
+    return {name: reports[name] for name in ranked}
 
 
 def leftover_offset(groups: dict[str, dict], leak_after: str) -> tuple[float, list[dict]]:
-    """The constant excess of every peak after ``leak_after``: same (shape, layers, method) before vs after."""
-    cut = ORDER.index(leak_after)
+    """The constant excess of every peak after ``leak_after``: same (shape, layers, method) before vs after.
+    ``groups`` is in the order the groups ran."""
+    cut = list(groups).index(leak_after)
     clean, late = {}, {}
-    for name, report in groups.items():
+    for position, (name, report) in enumerate(groups.items()):
         for r in report["results"]:
             if "peak_gib" not in r:
                 continue
             key = (report["shape"], r["layers"], r["method"])
-            (clean if ORDER.index(name) <= cut else late).setdefault(key, []).append(r["peak_gib"])
+            (clean if position <= cut else late).setdefault(key, []).append(r["peak_gib"])
     pairs = [{"shape": k[0], "method": k[2], "clean_gib": c, "late_gib": v, "excess_gib": round(v - c, 3)}
              for k in clean.keys() & late.keys() for c in clean[k][:1] for v in late[k]]
     if not pairs:
@@ -57,18 +56,15 @@ def leftover_offset(groups: dict[str, dict], leak_after: str) -> tuple[float, li
 
 def summarise(groups: dict[str, dict], leak_after: str | None) -> dict:
     offset, pairs = leftover_offset(groups, leak_after) if leak_after else (0.0, [])
-    cut = ORDER.index(leak_after) if leak_after else len(ORDER)
+    cut = list(groups).index(leak_after) if leak_after else len(groups)
     rows = []
-    for name in ORDER:
-        if name not in groups:
-            continue
-        report = groups[name]
+    for position, (name, report) in enumerate(groups.items()):
         base = None
         for r in report["results"]:
             if "peak_gib" not in r:
                 rows.append({"group": name, "method": r["method"], "error": r.get("error") or r.get("skipped")})
                 continue
-            peak = r["peak_gib"] - (offset if ORDER.index(name) > cut else 0.0)
+            peak = r["peak_gib"] - (offset if position > cut else 0.0)
             row = {"group": name, "shape": report["shape"], "layers": r["layers"], "method": r["method"],
                    "peak_gib": round(peak, 3), "measured_peak_gib": r["peak_gib"],
                    "activation_gib": r["activation_gib"], "param_gib": r["param_gib"],
@@ -116,8 +112,8 @@ def chart(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [g for g in ORDER if "layers" not in g and any(r["group"] == g and "peak_gib" in r
-                                                             for r in summary["results"])]
+    groups = dict.fromkeys(r["group"] for r in summary["results"] if "peak_gib" in r)
+    panels = [g for g in groups if "layers" not in g]
     fig, axes = plt.subplots(len(panels), 2, figsize=(12, 2.1 * len(panels) + 0.6), squeeze=False)
     for row, group in zip(axes, panels):
         rs = [r for r in summary["results"] if r["group"] == group and "peak_gib" in r]
