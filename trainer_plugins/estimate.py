@@ -326,11 +326,18 @@ def meta_model(model_config, model_args):
         return auto.from_config(model_config, dtype=resolve_dtype(model_args.dtype), **kwargs)
 
 
+class _AcceleratorStandIn:
+    """The accelerator of the estimate's Trainer stand-in: every micro-batch ends a step. A class, not a
+    SimpleNamespace, so that plugins may hold it weakly as they hold the real Accelerator."""
+
+    sync_gradients = True
+
+
 def _trainer_stand_in(args):
     """What plugins' create_optimizer reads from the Trainer."""
     from transformers import Trainer
 
-    return SimpleNamespace(args=args, optimizer=None, accelerator=SimpleNamespace(sync_gradients=True),
+    return SimpleNamespace(args=args, optimizer=None, accelerator=_AcceleratorStandIn(),
                            get_decay_parameter_names=lambda model: Trainer.get_decay_parameter_names(None, model))
 
 
