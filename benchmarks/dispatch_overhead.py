@@ -78,13 +78,13 @@ def optimizer_step_ops(layers: int, batched: bool) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--methods", nargs="+", default=["adamw", "lora-r16", "lst", "meft", "apollo-mini"])
     p.add_argument("--out", type=Path, required=True)
     ns = p.parse_args(argv)
     torch.set_num_threads(1)
     report = {
-        "what": __doc__.split("\n\n")[0], "device": f"cpu ({platform.processor()}), 1 thread",
+        "what": __doc__.split("\n\n")[0], "device": f"cpu ({platform.machine()}), 1 thread",
         "date": datetime.date.today().isoformat(), "torch": torch.__version__,
         "command": f"python benchmarks/dispatch_overhead.py --layers {ns.layers} --out {ns.out}",
         "shape": dict(SHAPE, num_hidden_layers=ns.layers),
