@@ -5,9 +5,10 @@
 #
 #   bash benchmarks/gpu_session.sh        # $OUT/gpu-results.tgz (JSON + PNG per group) and $OUT/gpu-session.log
 #
-# BUDGET_S (default 480): no new case starts after that many seconds of the Python run. BENCH_GROUPS="lst-7b
-# loram-1b" runs only those groups, in that order. SHAPE_SMALL /
-# SHAPE_LARGE (1b / 7b) and STEPS (5) size the runs; on a CPU: SHAPE_SMALL=tiny SHAPE_LARGE=tiny DEVICE=cpu.
+# BUDGET_S (default 480): no new case starts after that many seconds of the Python run.
+# BENCH_GROUPS="lst-7b loram-1b": only those groups, in that order (names: gpu_session.py's groups).
+# SHAPE_SMALL / SHAPE_LARGE (1b / 7b) and STEPS (5) size the runs; on a CPU: SHAPE_SMALL=tiny SHAPE_LARGE=tiny
+# DEVICE=cpu.
 # Every result carries estimate_gib and estimate_vs_peak: the check of `trainer-plugins estimate`.
 set -uo pipefail
 out=${OUT:-benchmarks/results}

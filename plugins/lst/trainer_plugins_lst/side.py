@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
 
 
 def side_sdpa(module, query, key, value, attention_mask, **kwargs):
@@ -40,15 +41,7 @@ def side_sdpa(module, query, key, value, attention_mask, **kwargs):
 
 
 SIDE_SDPA = "lst_side_sdpa"
-
-
-def _register_side_attention():
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(SIDE_SDPA, side_sdpa)
-
-
-_register_side_attention()
+AttentionInterface.register(SIDE_SDPA, side_sdpa)  # the name side configs of GQA backbones use (families.py)
 
 
 def rotary(inv_freq: torch.Tensor, position_ids: torch.Tensor, scaling: float, dtype: torch.dtype):
