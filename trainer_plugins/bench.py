@@ -68,9 +68,15 @@ def adamw_over_trainable(model, lr):
     return torch.optim.AdamW(trainable, lr=lr, fused=trainable[0].device.type == "cuda")
 
 
+def decoder_linear_weights(model) -> dict:
+    """The decoder layers' linear weights by name (not embeddings, not the head)."""
+    return {f"{n}.weight": m.weight for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and "layers." in n}
+
+
 def decoder_linear_groups(model, **low_rank_kwargs):
     """Two parameter groups: the decoder layers' linear weights (with ``low_rank_kwargs``) and the rest."""
-    targets = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers." in n]
+    targets = list(decoder_linear_weights(model).values())
     ids = {id(p) for p in targets}
     rest = [p for p in model.parameters() if id(p) not in ids]
     return [{"params": rest}, {"params": targets, **low_rank_kwargs}]

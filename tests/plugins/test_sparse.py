@@ -240,11 +240,11 @@ def test_two_processes_equal_one_process(stage, flags, tmp_path):
 def test_bench_methods_prune_and_mask_as_the_plugin_does():
     """The bench's sparse cases (issue 4's overhead bars) really are 50% sparse, keep pruned weights at zero
     through AdamW steps, and the every-step case prunes further at each step's end."""
-    from trainer_plugins.bench import SHAPES, adamw_over_trainable, build_model
-    from trainer_plugins_sparse.bench import METHODS, _decoder_linear_weights
+    from trainer_plugins.bench import SHAPES, adamw_over_trainable, build_model, decoder_linear_weights
+    from trainer_plugins_sparse.bench import METHODS
 
     def sparsity(model):
-        weights = list(_decoder_linear_weights(model).values())
+        weights = list(decoder_linear_weights(model).values())
         return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
 
     for name, expected in (("sparse-50", lambda s: s == 0.5), ("sparse-prune-every-step", lambda s: s > 0.52)):
@@ -252,13 +252,13 @@ def test_bench_methods_prune_and_mask_as_the_plugin_does():
         torch.manual_seed(0)
         model = method.prepare(build_model(SHAPES["tiny"], "cpu", torch.float32))
         assert abs(sparsity(model) - 0.5) < 1e-3
-        zeros = {n: w == 0 for n, w in _decoder_linear_weights(model).items()}
+        zeros = {n: w == 0 for n, w in decoder_linear_weights(model).items()}
         optimizer = (method.optimizer or adamw_over_trainable)(model, 1e-2)
         tokens = torch.randint(0, 1000, (2, 16))
         for _ in range(3):
             model(input_ids=tokens, labels=tokens).loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        for n, w in _decoder_linear_weights(model).items():
+        for n, w in decoder_linear_weights(model).items():
             assert not w[zeros[n]].any(), n  # pruned stays pruned (gradient masks, zeroed moments)
         assert expected(round(sparsity(model), 3)), (name, sparsity(model))

@@ -10,44 +10,30 @@ fused AdamW on the decoder layers' linear weights pruned globally by magnitude:
   one weight's scores at a time) is not in the training estimate: about 1 MiB plus one weight's size.
 """
 
-import torch
-
-from trainer_plugins.bench import BenchMethod, adamw_over_trainable
+from trainer_plugins.bench import BenchMethod, adamw_over_trainable, decoder_linear_weights
 
 SPARSITY = 0.5
 
 
-def _decoder_linear_weights(model) -> dict:
-    return {f"{n}.weight": m.weight for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and "layers." in n}
-
-
-def _targets(weights: dict, optimizer):
-    from .pruning import Target, state_like
-
-    return [Target(name, p, tuple(p.shape), p.detach().view(-1),
-                   copies=lambda p=p: [(t, 0) for t in state_like(optimizer, p)]) for name, p in weights.items()]
-
-
 def _prepare(model):
-    from .pruning import Pruner, mask_gradients
+    from .pruning import Pruner, local_targets, mask_gradients
     from .schedule import keep_count
 
-    weights = _decoder_linear_weights(model)
+    weights = decoder_linear_weights(model)
     if model.device.type != "meta":  # estimates run on the meta device: shapes only, nothing to select
-        Pruner(_targets(weights, None)).prune(lambda numel: keep_count(numel, SPARSITY))
+        Pruner(local_targets(weights, None)).prune(lambda numel: keep_count(numel, SPARSITY))
     mask_gradients(list(weights.values()), lambda: True)  # the hooks live on the weights
     return model
 
 
 def _pruning_every_step(model, lr):
-    from .pruning import Pruner
+    from .pruning import Pruner, local_targets
     from .schedule import keep_count
 
     optimizer = adamw_over_trainable(model, lr)
     if model.device.type == "meta":
         return optimizer
-    pruner = Pruner(_targets(_decoder_linear_weights(model), optimizer))
+    pruner = Pruner(local_targets(decoder_linear_weights(model), optimizer))
     events = iter(range(1, 10**6))
     zero_grad = optimizer.zero_grad
 

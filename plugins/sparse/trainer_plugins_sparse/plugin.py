@@ -230,16 +230,12 @@ def sparse_state(model) -> SparseState:
 
 def build_pruner(state: SparseState, args, optimizer, seed: int):
     """A Pruner over the model's own weights, or over ZeRO's partitions (see trainer_plugins.zero)."""
-    from .pruning import Comm, Pruner, Target, state_like
+    from .pruning import Comm, Pruner, Target, local_targets, state_like
 
     stage = deepspeed_stage(args)
     common = dict(scope=args.sparse_scope, score=args.sparse, n_m=structure(args), seed=seed)
     if stage is None:
-        inner = _torch_optimizer(optimizer)
-        targets = [Target(name, p, tuple(p.shape), p.detach().view(-1),
-                          copies=lambda p=p: [(t, 0) for t in state_like(inner, p)])
-                   for name, p in state.weights.items()]
-        return Pruner(targets, **common)
+        return Pruner(local_targets(state.weights, _torch_optimizer(optimizer)), **common)
 
     from trainer_plugins.zero import zero_layout, zero_optimizer
 

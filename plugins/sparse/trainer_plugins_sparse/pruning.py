@@ -214,6 +214,13 @@ def mask_gradients(params: Sequence[torch.nn.Parameter], active: Callable[[], bo
     return [p.register_hook(hook_for(p)) for p in params]
 
 
+def local_targets(weights: dict, optimizer) -> list[Target]:
+    """Targets over whole weights held by this process (no ZeRO partitioning): each weight's own flat view,
+    with ``optimizer``'s per-element moments (state_like) as the copies zeroed with it."""
+    return [Target(name, p, tuple(p.shape), p.detach().view(-1),
+                   copies=lambda p=p: [(t, 0) for t in state_like(optimizer, p)]) for name, p in weights.items()]
+
+
 def state_like(optimizer, tensor: torch.Tensor) -> list[torch.Tensor]:
     """The per-element state of ``tensor`` in a torch optimizer (moments shaped like it), flattened.
     Other state (APOLLO's low-rank moments, step counts) has other shapes and is left alone: with a
