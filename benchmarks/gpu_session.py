@@ -32,8 +32,11 @@ def groups(small: str, large: str) -> list[tuple[str, str, int | None, list[str]
         ("apollo", small, None, ["adamw", "sgd", "apollo-torch", "apollo-torch-mini", "apollo", "apollo-mini",
                                  "apollo-mini-layerwise"]),  # issue 3
         ("sparse", small, None, ["adamw", "sparse-50", "sparse-prune-every-step"]),  # issue 4
-        ("loram", "13b", None, ["lora", "qlora-peft", "loram-50", "loram-65", "qloram-65"]),  # issue 5: 7B, 13B
-        ("loram", large, None, ["lora", "qlora-peft", "loram-50", "loram-65", "qloram-65"]),
+        # issue 5: 7B, 13B; with activation checkpointing on both sides too (the estimate: QLoRAM 0.13x LoRA)
+        ("loram", "13b", None, ["lora", "lora-checkpointing", "qlora-peft", "loram-50", "loram-65", "qloram-65",
+                                "qloram-65-checkpointing"]),
+        ("loram", large, None, ["lora", "lora-checkpointing", "qlora-peft", "loram-50", "loram-65", "qloram-65",
+                                "loram-65-checkpointing", "qloram-65-checkpointing"]),
         ("meft", small, None, ["adamw", "lora", "lora-checkpointing", "meft"]),  # issue 7
         ("loram", small, None, ["lora", "qlora-peft", "qlora-peft-no-checkpointing", "loram-50", "loram-65",
                                 "qloram-65"]),

@@ -53,6 +53,22 @@ def test_depth_override_and_bad_input(tmp_path, capsys):
         run(Namespace(methods=["lora"], out=None))
 
 
+def test_estimate_only_predicts_every_case_without_a_step(tmp_path):
+    out = tmp_path / "e.json"
+    methods_ = ["lora", "lora-checkpointing", "qloram-65", "qloram-65-checkpointing"]
+    assert cli(["bench", "--shape", "tiny", "--layers", "4", "--estimate-only", "--methods", *methods_,
+                "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["dtype"] == "bfloat16" and "estimate" in report["device"]
+    rows = {r["method"]: r for r in report["results"]}
+    assert list(rows) == methods_ and all(set(r) == {"method", "estimate_gib", "estimate_vs_lora"} for r in rows.values())
+    assert rows["lora"]["estimate_vs_lora"] == 1.0
+    # checkpointing drops the stored activations in both; QLoRAM stays below LoRA either way
+    assert rows["qloram-65-checkpointing"]["estimate_gib"] < rows["qloram-65"]["estimate_gib"] < rows["lora"]["estimate_gib"]
+    assert rows["lora-checkpointing"]["estimate_gib"] < rows["lora"]["estimate_gib"]
+    assert not out.with_suffix(".png").exists()
+
+
 def test_a_failing_case_is_recorded_and_the_next_one_runs(tmp_path, capsys):
     """One broken method (an OOM on the GPU, say) must not cost the rest of a paid GPU session."""
     from trainer_plugins.bench import BenchMethod

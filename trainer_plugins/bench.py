@@ -12,6 +12,7 @@ allocated is reported as ``left_behind_gib``), what the last step's forward + ba
 steps (``estimate_gib``, ``estimate_vs_peak``: the estimate checked on every run). On a CPU the peak comes from
 one more step under the profiler (its allocator events), so the estimate is checked there too. JSON with the
 device, date and command, ratios against the first method, and a PNG chart if matplotlib is installed.
+``--estimate-only`` runs no step: each case's predicted peak on a CUDA GPU, from shapes alone, in seconds.
 
 Baselines live here (full fine-tuning with fused AdamW, SGD, peft LoRA with and without activation
 checkpointing, peft QLoRA with its standard preparation, apollo-torch); each plugin adds its methods with
@@ -109,10 +110,20 @@ def lora(rank=8, four_bit=False, peft_kbit=False, checkpointing=False, peft_kbit
         model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, task_type="CAUSAL_LM",
                                                  target_modules=PROJECTIONS))
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
         return model
 
     return prepare
+
+
+def enable_checkpointing(model):
+    """Non-reentrant activation checkpointing (the Trainer's default), by the name this transformers has."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.2x; the old name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model
 
 
 def _apollo_torch(rank, scale, scale_type):
@@ -250,6 +261,9 @@ def run_case(name: str, method: BenchMethod, shape: dict, device: str, dtype: to
 
 def with_ratios(results: list[dict]) -> list[dict]:
     measured = [r for r in results if "median_step_s" in r]  # failed or skipped cases have no numbers
+    estimated = [r for r in results if "estimate_gib" in r]
+    for r in estimated if estimated and estimated[0]["estimate_gib"] else []:
+        r[f"estimate_vs_{estimated[0]['method']}"] = round(r["estimate_gib"] / estimated[0]["estimate_gib"], 3)
     if not measured:
         return results
     base = measured[0]
@@ -291,6 +305,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", type=Path, help="JSON file; the PNG goes next to it")
+    p.add_argument("--estimate-only", action="store_true",
+                   help="no training: each case's peak as `trainer-plugins estimate` predicts it for a CUDA GPU "
+                        "(meta device, no weights, no GPU needed); bfloat16 unless --dtype")
 
 
 def run(ns, host=None) -> int:
@@ -307,11 +324,14 @@ def run(ns, host=None) -> int:
         raise ConfigError(f"unknown bench methods {unknown}; known: {', '.join(available)}")
     if ns.out is None:
         raise ConfigError("bench needs --out FILE.json")
-    dtype = getattr(torch, ns.dtype or ("bfloat16" if ns.device.startswith("cuda") else "float32"))
+    estimate_only = getattr(ns, "estimate_only", False)
+    gpu = estimate_only or ns.device.startswith("cuda")
+    dtype = getattr(torch, ns.dtype or ("bfloat16" if gpu else "float32"))
     shape = dict(SHAPES[ns.shape], **({"num_hidden_layers": ns.layers} if ns.layers else {}))
     report = {
         "shape": ns.shape, "config": shape, "dtype": str(dtype).replace("torch.", ""),
-        "device": torch.cuda.get_device_name(0) if ns.device.startswith("cuda") else f"cpu ({platform.processor()})",
+        "device": ("estimate for a CUDA GPU (meta device)" if estimate_only else
+                   torch.cuda.get_device_name(0) if ns.device.startswith("cuda") else f"cpu ({platform.processor()})"),
         "date": datetime.date.today().isoformat(), "torch": torch.__version__,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "warmup": ns.warmup, "steps": ns.steps, "results": [],
@@ -322,6 +342,8 @@ def run(ns, host=None) -> int:
     for name in chosen:
         if deadline is not None and time.monotonic() > deadline:
             result = {"method": name, "skipped": "out of time"}
+        elif estimate_only:
+            result = {"method": name, "estimate_gib": round(estimate_case(available[name], shape, dtype) / 2**30, 3)}
         else:
             result = _case_or_error(name, available[name], shape, ns.device, dtype, ns.warmup, ns.steps)
         failed += "error" in result
@@ -329,7 +351,8 @@ def run(ns, host=None) -> int:
         print(json.dumps(result), flush=True)
         # written after every case: a run cut short (OOM, a time limit) keeps what finished
         ns.out.write_text(json.dumps(dict(report, results=with_ratios(report["results"])), indent=2))
-    chart(dict(report, results=[r for r in report["results"] if "peak_gib" in r]), ns.out.with_suffix(".png"))
+    if not estimate_only:
+        chart(dict(report, results=[r for r in report["results"] if "peak_gib" in r]), ns.out.with_suffix(".png"))
     return 1 if failed else 0
 
 
