@@ -29,6 +29,30 @@ def test_mini_builds_apollo_with_adamw_groups_and_trains(tmp_path):
     assert sum(loss[-5:]) / 5 < loss[0] - 1.0
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_embeddings_flag_moves_embeddings_and_head_off_adamw(tmp_path, tied):
+    from transformers import LlamaForCausalLM
+
+    from trainer_plugins.models import tiny_llama_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=2, tie_word_embeddings=tied))
+    args = PluginTrainingArguments(output_dir=str(tmp_path), apollo="mini", apollo_embeddings=True, max_steps=30,
+                                   **COMMON)
+    trainer = PluginTrainer(model=model, args=args, train_dataset=counting_dataset())
+    trainer.train()
+    opt = trainer.optimizer.optimizer
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    low_rank = {names[id(p)] for p in next(g for g in opt.param_groups if "rank" in g)["params"]}
+    embeddings = {"model.embed_tokens.weight"} | (set() if tied else {"lm_head.weight"})
+    assert embeddings <= low_rank and len(low_rank) == 2 * 7 + len(embeddings)
+    # what stays on AdamW is only the norms: no moments as large as an embedding remain
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    assert all(t.numel() < vocab * hidden for state in opt.state.values() for t in state.values() if torch.is_tensor(t))
+    loss = losses(trainer)
+    assert sum(loss[-5:]) / 5 < loss[0] - 1.0
+
+
 def test_target_modules_and_overrides(tmp_path, token_dataset):
     args = PluginTrainingArguments(output_dir=str(tmp_path), apollo="apollo", apollo_rank=4,
                                    apollo_target_modules="q_proj,v_proj", max_steps=2, **COMMON)

@@ -1,15 +1,22 @@
 """APOLLO's methods for `trainer-plugins bench` (rank 256 and Mini, Mini layer-wise), on the same groups as
-the apollo-torch baselines: the decoder layers' linear weights low-rank, AdamW for the rest."""
+the apollo-torch baselines: the decoder layers' linear weights low-rank, AdamW for the rest; and Mini with the
+embeddings and head moved to APOLLO too (``apollo_embeddings``), which leaves no AdamW moments at all."""
 
 from trainer_plugins.bench import BenchMethod, decoder_linear_groups
 
 
-def _ours(rank, scale, scale_type, layerwise=False):
+def _ours(rank, scale, scale_type, layerwise=False, embeddings=False):
     def build(model, lr):
         from .optimizer import APOLLO, register_layerwise_hooks
+        from .plugin import embedding_weight_names
 
-        opt = APOLLO(decoder_linear_groups(model, rank=rank, scale=scale, scale_type=scale_type, update_proj_gap=200),
-                     lr=lr)
+        rest, low_rank = decoder_linear_groups(model, rank=rank, scale=scale, scale_type=scale_type,
+                                               update_proj_gap=200)
+        if embeddings:
+            moved = {id(p) for name, p in model.named_parameters() if name in embedding_weight_names(model)}
+            low_rank["params"] += [p for p in rest["params"] if id(p) in moved]
+            rest["params"] = [p for p in rest["params"] if id(p) not in moved]
+        opt = APOLLO([rest, low_rank], lr=lr)
         if layerwise:  # the update runs as each gradient is ready; step() then has nothing left to do
             register_layerwise_hooks(model.parameters(), opt)
         return opt
@@ -22,4 +29,6 @@ METHODS = {
     "apollo-mini": BenchMethod(optimizer=_ours(1, 128.0, "tensor"), description="ours, APOLLO-Mini"),
     "apollo-mini-layerwise": BenchMethod(optimizer=_ours(1, 128.0, "tensor", layerwise=True),
                                          description="ours, APOLLO-Mini layer-wise (no full gradients at once)"),
+    "apollo-mini-embeddings": BenchMethod(optimizer=_ours(1, 128.0, "tensor", embeddings=True),
+                                          description="ours, APOLLO-Mini on the embeddings and head too"),
 }

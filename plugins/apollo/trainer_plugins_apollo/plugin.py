@@ -33,6 +33,12 @@ class ApolloArguments:
         metadata={"help": "Linear layers optimised by APOLLO: 'all-linear' (all but the output head), "
                           "comma-separated name parts (q_proj,v_proj), or a regex on module names. Others: AdamW."},
     )
+    apollo_embeddings: bool = field(
+        default=False,
+        metadata={"help": "Also give the input embeddings and the output head APOLLO updates instead of AdamW "
+                          "(not in the paper): their AdamW moments are most of the optimizer state left under "
+                          "APOLLO-Mini (4 x vocab x hidden values with an untied head)."},
+    )
     apollo_scale_front: bool = field(
         default=False, metadata={"help": "Apply sqrt(scale) before the norm-growth limiter (for short warmups)."}
     )
@@ -105,6 +111,8 @@ def create_optimizer(model, args, trainer):
     targets = set(linear_weights(model, args.apollo_target_modules, "apollo_target_modules"))
     if not targets:
         raise ConfigError(f"apollo_target_modules={args.apollo_target_modules!r} matches no trainable linear layer")
+    if args.apollo_embeddings:
+        targets |= embedding_weight_names(model)
     decay = set(trainer.get_decay_parameter_names(model))
     groups = apollo_param_groups(
         model.named_parameters(), lambda name, p: name in targets,
@@ -123,6 +131,13 @@ def create_optimizer(model, args, trainer):
 
         optimizer.attach_zero(lambda: zero_layout(trainer.optimizer))
     return optimizer
+
+
+def embedding_weight_names(model) -> set[str]:
+    """The trainable input-embedding and output-head weights by name (one name when they are tied)."""
+    modules = (model.get_input_embeddings(), model.get_output_embeddings())
+    wanted = {id(m.weight) for m in modules if m is not None and getattr(m, "weight", None) is not None}
+    return {name for name, p in model.named_parameters() if id(p) in wanted and p.requires_grad}
 
 
 def install_layerwise_hooks(model, optimizer, trainer) -> None:
