@@ -26,22 +26,26 @@ def groups(small: str, large: str) -> list[tuple[str, str, int | None, list[str]
     """(name, shape, layers, methods), in the order the open issues need them."""
     return [
         # what changed since the 2026-11-27 session first: LST under bf16 autocast (the recipes' setting),
-        # APOLLO-Mini's batched tensor scaling, the sparse plugin's overhead bars (issue 4), the 13B LoRAM shape
+        # APOLLO-Mini's batched tensor scaling and apollo_embeddings, the sparse plugin's overhead bars
+        # (issue 4), LoRAM with activation checkpointing and the 13B shape, layer-wise APOLLO on 7B
         ("lst", large, None, ["adamw", "lora-r16", "qlora-r16-peft", "lst", "lst-4bit", "lst-autocast",
                               "lst-4bit-autocast"]),  # issue 6's bar: 7B
         ("apollo", small, None, ["adamw", "sgd", "apollo-torch", "apollo-torch-mini", "apollo", "apollo-mini",
-                                 "apollo-mini-layerwise"]),  # issue 3
+                                 "apollo-mini-layerwise", "apollo-mini-embeddings", "sgd-checkpointing",
+                                 "apollo-mini-layerwise-embeddings-checkpointing"]),  # issue 3
         ("sparse", small, None, ["adamw", "sparse-50", "sparse-prune-every-step"]),  # issue 4
         # issue 5: 7B, 13B; with activation checkpointing on both sides too (the estimate: QLoRAM 0.13x LoRA)
         ("loram", "13b", None, ["lora", "lora-checkpointing", "qlora-peft", "loram-50", "loram-65", "qloram-65",
                                 "qloram-65-checkpointing"]),
         ("loram", large, None, ["lora", "lora-checkpointing", "qlora-peft", "loram-50", "loram-65", "qloram-65",
                                 "loram-65-checkpointing", "qloram-65-checkpointing"]),
-        ("meft", small, None, ["adamw", "lora", "lora-checkpointing", "meft"]),  # issue 7
+        # issue 3 on 7B: there full gradients set SGD's peak, so layer-wise can go below it (estimate: 0.80x)
+        ("apollo", large, None, ["adamw", "sgd", "apollo-torch-mini", "apollo-mini", "apollo", "apollo-mini-layerwise",
+                                 "apollo-mini-embeddings", "apollo-mini-layerwise-embeddings"]),
+        ("lst", small, None, ["adamw", "lora-r16", "qlora-r16-peft", "lst", "lst-4bit", "lst-autocast"]),
         ("loram", small, None, ["lora", "qlora-peft", "qlora-peft-no-checkpointing", "loram-50", "loram-65",
                                 "qloram-65"]),
-        ("apollo", large, None, ["adamw", "sgd", "apollo-torch", "apollo-torch-mini", "apollo-mini", "apollo"]),
-        ("lst", small, None, ["adamw", "lora-r16", "qlora-r16-peft", "lst", "lst-4bit", "lst-autocast"]),
+        ("meft", small, None, ["adamw", "lora", "lora-checkpointing", "meft"]),  # issue 7 (resolved): re-check
         *[("meft", small, n, ["lora", "meft"]) for n in (12, 24, 48)],  # activation memory vs depth
     ]
 

@@ -120,3 +120,16 @@ def test_gpu_summary_measures_the_leftover_offset_from_repeated_cases(tmp_path):
     assert s["estimate_within_10_percent"] == "6 of 6"
     with pytest.raises(SystemExit, match="cannot be measured"):
         summary_module.summarise({"meft-1b": groups["meft-1b"], "lst-7b": groups["lst-7b"]}, "meft-1b")
+
+
+def test_every_gpu_session_method_exists():
+    """A typo in the prepared GPU run would cost a case of a session that has minutes of device time."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "gpu_session.py"
+    spec = importlib.util.spec_from_file_location("gpu_session", path)
+    session = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(session)
+    named = {m for _, _, _, group in session.groups("1b", "7b") for m in group}
+    assert named and not named - set(methods())

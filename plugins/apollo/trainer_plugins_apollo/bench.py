@@ -2,10 +2,10 @@
 the apollo-torch baselines: the decoder layers' linear weights low-rank, AdamW for the rest; and Mini with the
 embeddings and head moved to APOLLO too (``apollo_embeddings``), which leaves no AdamW moments at all."""
 
-from trainer_plugins.bench import BenchMethod, decoder_linear_groups
+from trainer_plugins.bench import BenchMethod, decoder_linear_groups, enable_checkpointing
 
 
-def _ours(rank, scale, scale_type, layerwise=False, embeddings=False):
+def _ours(rank, scale, scale_type, layerwise=False, embeddings=False, checkpointing=False):
     def build(model, lr):
         from .optimizer import APOLLO, register_layerwise_hooks
         from .plugin import embedding_weight_names
@@ -17,6 +17,8 @@ def _ours(rank, scale, scale_type, layerwise=False, embeddings=False):
             low_rank["params"] += [p for p in rest["params"] if id(p) in moved]
             rest["params"] = [p for p in rest["params"] if id(p) not in moved]
         opt = APOLLO([rest, low_rank], lr=lr)
+        if checkpointing:
+            enable_checkpointing(model)
         if layerwise:  # the update runs as each gradient is ready; step() then has nothing left to do
             register_layerwise_hooks(model.parameters(), opt)
         return opt
@@ -31,4 +33,12 @@ METHODS = {
                                          description="ours, APOLLO-Mini layer-wise (no full gradients at once)"),
     "apollo-mini-embeddings": BenchMethod(optimizer=_ours(1, 128.0, "tensor", embeddings=True),
                                           description="ours, APOLLO-Mini on the embeddings and head too"),
+    "apollo-mini-layerwise-embeddings": BenchMethod(
+        optimizer=_ours(1, 128.0, "tensor", layerwise=True, embeddings=True),
+        description="ours, APOLLO-Mini layer-wise, embeddings and head too: almost no optimizer state"),
+    # SGD's floor is weights + full gradients only where gradients, not activations, set the peak: the 7B
+    # shape at batch 1, or any shape with activation checkpointing (against sgd-checkpointing)
+    "apollo-mini-layerwise-embeddings-checkpointing": BenchMethod(
+        optimizer=_ours(1, 128.0, "tensor", layerwise=True, embeddings=True, checkpointing=True),
+        description="the same + activation checkpointing"),
 }
