@@ -29,7 +29,7 @@ def groups(small: str, large: str) -> list[tuple[str, str, int | None, list[str]
         # APOLLO-Mini's batched tensor scaling and apollo_embeddings, the sparse plugin's overhead bars
         # (issue 4), LoRAM with activation checkpointing and the 13B shape, layer-wise APOLLO on 7B
         ("lst", large, None, ["adamw", "lora-r16", "qlora-r16-peft", "lst", "lst-4bit", "lst-autocast",
-                              "lst-4bit-autocast"]),  # issue 6's bar: 7B
+                              "lst-4bit-autocast", "lst-every-2-autocast"]),  # issue 6's bar: 7B
         ("apollo", small, None, ["adamw", "sgd", "apollo-torch", "apollo-torch-mini", "apollo", "apollo-mini",
                                  "apollo-mini-layerwise", "apollo-mini-embeddings", "sgd-checkpointing",
                                  "apollo-mini-layerwise-embeddings-checkpointing"]),  # issue 3

@@ -54,9 +54,8 @@ class BenchMethod:
     """A training method for the bench. ``prepare(model) -> model`` changes the model first (adapters,
     pruning, 4-bit; default: none); ``optimizer(model, lr)`` builds the optimizer (default: fused AdamW
     over the trainable parameters). ``autocast``: forward and loss under torch.autocast to the bench's
-    16-bit dtype, as the Trainer runs with ``bf16: true`` (matters where trainable weights are float32). The
-    estimate does not simulate autocast (16-bit activations, the 16-bit weight copies it caches): for such a
-    case it is approximate."""
+    16-bit dtype, as the Trainer runs with ``bf16: true`` (matters where trainable weights are float32); the
+    estimate replays autocast's casts on the meta device."""
 
     prepare: Optional[Callable] = None
     optimizer: Optional[Callable] = None
@@ -191,7 +190,8 @@ def estimate_case(method: BenchMethod, shape: dict, dtype: torch.dtype, device: 
         model = method.prepare(model)
     optimizer = (method.optimizer or adamw_over_trainable)(model, 1e-4)
     batch = language_model_batch(shape["vocab_size"], shape["batch"], shape["seq"])
-    return simulate_training(model, optimizer, batch, device=torch.device(device).type).peak
+    return simulate_training(model, optimizer, batch, device=torch.device(device).type,
+                             autocast=dtype if method.autocast else None).peak
 
 
 def run_case(name: str, method: BenchMethod, shape: dict, device: str, dtype: torch.dtype, warmup: int,
@@ -240,7 +240,7 @@ def run_case(name: str, method: BenchMethod, shape: dict, device: str, dtype: to
     else:  # one more step, under the profiler: its allocator events give the peak and what the step added
         before_last = resident_bytes(model) + optimizer_state_bytes(optimizer)
         last_peak = peak = measure_training(model, optimizer, lambda: {"input_ids": tokens, "labels": tokens},
-                                            steps=1)["peak"]
+                                            steps=1, autocast=dtype if method.autocast else None)["peak"]
     result = {
         "method": name,
         "layers": shape["num_hidden_layers"],

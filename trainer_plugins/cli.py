@@ -102,7 +102,8 @@ def cmd_estimate(ns) -> int:
     from .spec import deepspeed_stage
 
     flat = {**read_recipe(ns.recipe), **parse_overrides(ns.overrides)}
-    mixed = any(str(flat.get(k, "")).lower() in ("true", "1", "yes") for k in ("bf16", "fp16"))
+    # the recipe's autocast, read before the flags are switched off below
+    mixed = next((k for k in ("bf16", "fp16") if str(flat.get(k, "")).lower() in ("true", "1", "yes")), "no")
     overrides = ns.overrides
     if not torch.cuda.is_available():  # transformers refuses bf16/fp16 flags without a GPU; the dtype decides here
         overrides = ["--bf16", "false", "--fp16", "false", *overrides]

@@ -20,8 +20,12 @@ Where the meta device cannot follow the GPU, the run substitutes what the GPU do
   during each matmul (forward, and backward when the input needs a gradient), as bitsandbytes' MatMul4Bit;
 - fused optimizers run as their single-tensor form (same state; per-tensor temporaries).
 
+- autocast (``bf16``/``fp16``): the casts torch.autocast makes, replayed on meta (``MetaAutocast``): float32
+  inputs of matmuls and attention to 16 bits (the copies autograd saves), 16-bit inputs of losses (and on
+  CUDA softmax, norms, reductions) to float32, weight casts cached for the forward.
+
 Not modelled: CUDA context and kernel workspaces (cuBLAS: tens of MiB), allocator fragmentation (the
-*reserved* memory above allocated), autocast when float32 weights train with bf16=True (a note says so).
+*reserved* memory above allocated).
 DDP adds its reducer's gradient buckets to the single-process run. DeepSpeed ZeRO is simulated for one
 rank (``simulate_zero``): gradients handed to the rank's partition as they complete, stage 3's gathers
 and releases per module, the partitions and reduce buckets live throughout.
@@ -39,7 +43,7 @@ from typing import Callable, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from .memory import optimizer_state_bytes, tensor_bytes
 
@@ -128,6 +132,87 @@ def cuda_attention_is_math(query, key, attn_mask=None) -> bool:
     return not (flash or not grouped or _EFFICIENT_ATTENTION_TAKES_GQA)
 
 
+# -- autocast: the meta device has no autocast dispatch key, so its casts are replayed here ---------------------
+_F = torch.nn.functional
+# ops torch.autocast runs in the 16-bit dtype (in both CUDA's and the CPU's lists; SDPA: see _meta_sdpa)
+_LOWER_PRECISION = frozenset({
+    _F.linear, _F.conv1d, _F.conv2d, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm,
+    torch.Tensor.mm, torch.bmm, torch.Tensor.bmm, torch.addmm, torch.Tensor.addmm, torch.baddbmm,
+    torch.Tensor.baddbmm, torch.einsum, _F.scaled_dot_product_attention})
+# ... and in float32: the losses on both; CUDA's list also has softmax, norms, exp/log/pow and reductions
+_FLOAT32_CPU = frozenset({_F.cross_entropy, _F.nll_loss, _F.mse_loss, _F.l1_loss, _F.smooth_l1_loss, _F.kl_div,
+                          _F.binary_cross_entropy_with_logits})
+_FLOAT32 = {"cpu": _FLOAT32_CPU, "cuda": _FLOAT32_CPU | {
+    _F.softmax, _F.log_softmax, torch.softmax, torch.log_softmax, torch.Tensor.softmax, torch.Tensor.log_softmax,
+    _F.layer_norm, _F.group_norm, torch.exp, torch.Tensor.exp, torch.log, torch.Tensor.log, torch.pow,
+    torch.Tensor.pow, torch.Tensor.__pow__, torch.rsqrt, torch.Tensor.rsqrt, torch.sum, torch.Tensor.sum,
+    torch.cumsum, torch.Tensor.cumsum, torch.prod, torch.Tensor.prod}}
+_active_autocast: list = [None]
+
+
+class MetaAutocast(torch.overrides.TorchFunctionMode):
+    """``torch.autocast(device, dtype)`` for meta tensors: the same casts (float32 inputs of matmuls and attention
+    to ``dtype``, 16-bit inputs of the float32 ops up), so the 16-bit copies that autograd saves are counted.
+    Casts of weights (leaves that require grad) are cached until the region ends, as autocast does. Activation
+    checkpointing records autocast and recomputes under it in backward; here the checkpointed function is
+    wrapped to do the same (torch's own record sees no autocast on the meta device)."""
+
+    def __init__(self, dtype: torch.dtype, device: str = "cuda"):
+        super().__init__()
+        self.dtype, self.device, self.float32 = dtype, device, _FLOAT32[device]
+        self._cached: dict[int, torch.Tensor] = {}
+        self._saved_checkpoint = None
+
+    def cast(self, t, dtype: torch.dtype):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dtype in (dtype, torch.float64):
+            return t
+        if dtype != torch.float32 and t.is_leaf and t.requires_grad and torch.is_grad_enabled():
+            if id(t) not in self._cached:
+                self._cached[id(t)] = t.to(dtype)
+            return self._cached[id(t)]
+        return t.to(dtype)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _LOWER_PRECISION or func in self.float32:
+            dtype = self.dtype if func in _LOWER_PRECISION else torch.float32
+            args, kwargs = tree_map(lambda t: self.cast(t, dtype), (args, kwargs))
+        return func(*args, **kwargs)
+
+    def under_autocast(self, function):
+        def run(*args, **kwargs):
+            with MetaAutocast(self.dtype, self.device):
+                return function(*args, **kwargs)
+
+        return run
+
+    def __enter__(self):
+        import torch.utils.checkpoint as checkpoint
+
+        _active_autocast.append(self)
+        # checkpoint() looks both paths up in its module when called: wrap the function they will recompute
+        self._saved_checkpoint = (checkpoint._checkpoint_without_reentrant_generator, checkpoint.CheckpointFunction)
+        generator, reentrant = self._saved_checkpoint
+        checkpoint._checkpoint_without_reentrant_generator = \
+            lambda fn, *args, **kwargs: generator(self.under_autocast(fn), *args, **kwargs)
+        checkpoint.CheckpointFunction = SimpleNamespace(
+            apply=lambda fn, *args: reentrant.apply(self.under_autocast(fn), *args))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        import torch.utils.checkpoint as checkpoint
+
+        _active_autocast.pop()
+        self._cached.clear()
+        checkpoint._checkpoint_without_reentrant_generator, checkpoint.CheckpointFunction = self._saved_checkpoint
+        return super().__exit__(*exc)
+
+
+def meta_autocast(dtype: Optional[torch.dtype], device: str = "cuda"):
+    """A ``MetaAutocast`` for 16-bit ``dtype``; nothing for None or float32."""
+    return MetaAutocast(dtype, device) if dtype not in (None, torch.float32) else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def efficient_attention_takes_gqa(value: bool):
     """Estimate as if CUDA's memory-efficient SDPA kernel did (``True``, torch >= 2.14) or did not take GQA."""
@@ -143,6 +228,9 @@ def _meta_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
     if query.device.type != "meta":
         return _sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                      enable_gqa=enable_gqa, **kw)
+    autocast = _active_autocast[-1]
+    if autocast is not None:  # this function stands in for SDPA, which autocast runs in 16 bits
+        query, key, value = (autocast.cast(t, autocast.dtype) for t in (query, key, value))
     if _simulated_device[0] == "cuda" and cuda_attention_is_math(query, key, attn_mask):
         return torch.ops.aten._scaled_dot_product_attention_math(
             query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)[0]
@@ -254,9 +342,10 @@ def logical_numel(p: torch.Tensor) -> int:
 
 
 def simulate_training(model, optimizer, make_batch: Callable[[], dict], micro_batches: int = 1,
-                      steps: int = 2, device: str = "cuda") -> StepMemory:
+                      steps: int = 2, device: str = "cuda", autocast: Optional[torch.dtype] = None) -> StepMemory:
     """Run ``steps`` optimizer steps of ``micro_batches`` forward/backward passes each on ``model`` (on the
-    meta device, allocating as ``device`` would) and return the memory of the last step."""
+    meta device, allocating as ``device`` would; forward under ``autocast`` to that 16-bit dtype, as the Trainer
+    with bf16/fp16) and return the memory of the last step."""
     resident = list(model.parameters()) + list(model.buffers())
     weights = resident_bytes(model)
     tracker = MemoryTracker(resident)
@@ -270,7 +359,8 @@ def simulate_training(model, optimizer, make_batch: Callable[[], dict], micro_ba
             for micro in range(micro_batches):
                 batch = make_batch()
                 before = tracker.live
-                loss = model(**batch).loss
+                with meta_autocast(autocast, device):
+                    loss = model(**batch).loss
                 if last and micro == micro_batches - 1:
                     phases["forward"] = max(phases.get("forward", 0), tracker.peak)
                     activations = tracker.live - before
@@ -351,22 +441,20 @@ def default_optimizer(model, args):
     return cls([p for p in model.parameters() if p.requires_grad], **kwargs)
 
 
-def estimate_recipe(recipe, world_size: Optional[int] = None, mixed_precision: Optional[bool] = None,
+def estimate_recipe(recipe, world_size: Optional[int] = None, mixed_precision: Optional[str] = None,
                     device: str = "cuda") -> dict:
     """Predicted peak memory per GPU of training ``recipe`` (a ``load_recipe`` result with its model config).
-    ``mixed_precision``: whether the recipe sets bf16/fp16 (default: read from its arguments). ``device``:
-    whose kernels to follow ("cpu" to compare with a run on this CPU)."""
+    ``mixed_precision``: "bf16", "fp16" or "no", what the recipe sets (default: read from its arguments); the
+    forward runs under that autocast. ``device``: whose kernels to follow ("cpu" to compare with a run here)."""
     import dataclasses
 
     from .spec import deepspeed_stage
 
     args, model_args, data_args = recipe.args, recipe.model_args, recipe.data_args
     if mixed_precision is None:
-        mixed_precision = bool(args.bf16 or args.fp16)
+        mixed_precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
     notes = []
-    if mixed_precision and model_args.dtype == "float32":
-        notes.append("bf16/fp16 autocast over float32 weights is not simulated: activations are counted in "
-                     "float32 (an over-estimate); load the weights in bfloat16 (dtype) to train as estimated")
     if model_args.dtype == "auto":  # what "auto" picks on a GPU, also when estimating on a CPU
         model_args = dataclasses.replace(model_args, dtype="bfloat16")
     host = args._host
@@ -375,7 +463,7 @@ def estimate_recipe(recipe, world_size: Optional[int] = None, mixed_precision: O
 
         raise ConfigError("estimate needs the model's config (load the recipe with load_config=True)")
     with _no_zero3_init():
-        return {**_estimate(recipe, args, model_args, data_args, host, world_size, device), "notes": notes}
+        return {**_estimate(recipe, args, model_args, data_args, host, world_size, device, autocast), "notes": notes}
 
 
 @contextlib.contextmanager
@@ -392,7 +480,7 @@ def _no_zero3_init():
         modeling_utils.is_deepspeed_zero3_enabled = saved
 
 
-def _estimate(recipe, args, model_args, data_args, host, world_size, device) -> dict:
+def _estimate(recipe, args, model_args, data_args, host, world_size, device, autocast) -> dict:
     import copy
 
     from .models import quantization_config
@@ -409,16 +497,18 @@ def _estimate(recipe, args, model_args, data_args, host, world_size, device) -> 
         quantize_linears_4bit(model, quantization_config(model_args, zero3=stage == 3), "meta")
     model, optimizer, make_batch = training_setup(recipe, model, "meta")
     memory = simulate_training(model, optimizer, make_batch, micro_batches=min(args.gradient_accumulation_steps, 2),
-                               device=device)
+                               device=device, autocast=autocast)
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     zero_run = None
     if stage is not None:
         zero_run = simulate_zero(model, make_batch, memory, stage, world, zero_settings(args, model.config),
-                                 micro_batches=min(args.gradient_accumulation_steps, 2), device=device)
+                                 micro_batches=min(args.gradient_accumulation_steps, 2), device=device,
+                                 autocast=autocast)
     per_rank = distribute(memory, stage, world, zero_run)
     batch, seq = args.per_device_train_batch_size, data_args.max_seq_length
     return {
         "model": type(model).__name__, "dtype": model_args.dtype, "parameters": memory.parameters,
+        "autocast": str(autocast).replace("torch.", "") if autocast is not None else None,
         "trainable_parameters": memory.trainable, "tokens_per_step": batch * seq, "micro_batch": [batch, seq],
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "gradient_checkpointing": bool(args.gradient_checkpointing or getattr(args, "activation_checkpointing", False)),
@@ -450,20 +540,20 @@ def training_setup(recipe, model, device):
     return model, optimizer, language_model_batch(model.config.vocab_size, batch, seq, device)
 
 
-def measure_recipe(recipe, steps: int = 2) -> dict:
+def measure_recipe(recipe, steps: int = 2, autocast: Optional[torch.dtype] = None) -> dict:
     """The real counterpart of ``estimate_recipe`` on this machine, one process: load the weights, prepare as
-    the estimate does and measure ``steps`` steps (``measure_training``)."""
+    the estimate does and measure ``steps`` steps (``measure_training``; forward under ``autocast``)."""
     args = recipe.args
     model = args._host.call_first("load_model", args, model_args=recipe.model_args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if not getattr(model, "is_loaded_in_4bit", False):  # 4-bit layers are placed where they were quantised
         model.to(device)
     model, optimizer, make_batch = training_setup(recipe, model, device)
-    return measure_training(model, optimizer, make_batch, min(args.gradient_accumulation_steps, 2), steps)
+    return measure_training(model, optimizer, make_batch, min(args.gradient_accumulation_steps, 2), steps, autocast)
 
 
 def measure_training(model, optimizer, make_batch: Callable[[], dict], micro_batches: int = 1,
-                     steps: int = 2) -> dict:
+                     steps: int = 2, autocast: Optional[torch.dtype] = None) -> dict:
     """What ``simulate_training`` predicts, measured: run ``steps`` real steps and return the peak bytes
     allocated during the last one and the weights' bytes. On a GPU: torch.cuda.max_memory_allocated; on a CPU:
     the allocator events the profiler records (so an estimate can be checked without a GPU)."""
@@ -474,9 +564,13 @@ def measure_training(model, optimizer, make_batch: Callable[[], dict], micro_bat
     cuda = next(model.parameters()).device.type == "cuda"
     model.train()
 
+    device_type = next(model.parameters()).device.type
+
     def step():
         for _ in range(micro_batches):
-            (model(**make_batch()).loss / micro_batches).backward()
+            with torch.autocast(device_type, dtype=autocast, enabled=autocast not in (None, torch.float32)):
+                loss = model(**make_batch()).loss
+            (loss / micro_batches).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -542,7 +636,8 @@ def zero_settings(args, model_config) -> dict:
 
 
 def simulate_zero(model, make_batch, memory: StepMemory, stage: int, world: int, settings: dict,
-                  micro_batches: int = 1, steps: int = 2, device: str = "cuda") -> dict:
+                  micro_batches: int = 1, steps: int = 2, device: str = "cuda",
+                  autocast: Optional[torch.dtype] = None) -> dict:
     """One rank's forward and backward under ZeRO-``stage`` on the meta model, after ``simulate_training``.
 
     Stage >= 2: each gradient is handed to the rank's partition as soon as it is complete and the full-size
@@ -614,7 +709,9 @@ def simulate_zero(model, make_batch, memory: StepMemory, stage: int, world: int,
             for step in range(steps):
                 tracker.reset_peak()
                 for _ in range(micro_batches):
-                    (model(**make_batch()).loss / micro_batches).backward()
+                    with meta_autocast(autocast, device):
+                        loss = model(**make_batch()).loss
+                    (loss / micro_batches).backward()
                 gathered.clear()
                 for p in model.parameters():
                     p.grad = None
@@ -639,7 +736,9 @@ def format_estimate(report: dict) -> str:
         return f"{b / GiB:8.3f} GiB"
 
     rank = report["per_gpu"]
-    lines = [f"estimate: {report['model']} in {report['dtype']}, {report['parameters']:,} parameters, "
+    lines = [f"estimate: {report['model']} in {report['dtype']}"
+             + (f" ({report['autocast']} autocast)" if report.get("autocast") else "")
+             + f", {report['parameters']:,} parameters, "
              f"{report['trainable_parameters']:,} trainable; micro-batch {report['micro_batch'][0]} x {report['micro_batch'][1]} tokens"
              + (", gradient checkpointing" if report["gradient_checkpointing"] else ""),
              f"  ({rank['method']})"]

@@ -5,7 +5,7 @@ run it as the recipes do with ``bf16: true`` (bf16 matmuls over the float32 side
 from trainer_plugins.bench import BenchMethod, nf4
 
 
-def _lst(reduction=8, four_bit=False):
+def _lst(reduction=8, four_bit=False, layers="all"):
     def prepare(model):
         from .families import layers_of
         from .pruning import SideSettings, build, init_random
@@ -14,7 +14,10 @@ def _lst(reduction=8, four_bit=False):
         if four_bit:
             nf4(model)
         model.requires_grad_(False)
-        side = build(model, SideSettings(reduction=reduction, layer_ids=list(range(model.config.num_hidden_layers))))
+        from .plugin import layer_ids
+
+        chosen = layer_ids(layers, model.config.num_hidden_layers)  # as the flag lst_layers
+        side = build(model, SideSettings(reduction=reduction, layer_ids=chosen))
         device = model.get_input_embeddings().weight.device
         side.to(device)
         if device.type != "meta":  # estimates run on the meta device: shapes only
@@ -32,4 +35,6 @@ METHODS = {
     "lst-autocast": BenchMethod(prepare=_lst(), autocast=True, description="LST r8, bf16 autocast (bf16: true)"),
     "lst-4bit-autocast": BenchMethod(prepare=_lst(four_bit=True), autocast=True,
                                      description="LST r8, NF4 backbone, bf16 autocast (bf16: true)"),
+    "lst-every-2-autocast": BenchMethod(prepare=_lst(layers="every:2"), autocast=True,
+                                        description="LST r8 on every 2nd layer (lst_layers every:2), bf16 autocast"),
 }
