@@ -18,8 +18,7 @@ Where the meta device cannot follow the GPU, the run substitutes what the GPU do
   the memory-efficient kernel took no GQA until pytorch#191085) the math kernel keeps the seq x seq scores;
 - bitsandbytes 4-bit linears: packed uint8 weights + quantisation statistics, a dequantised weight alive
   during each matmul (forward, and backward when the input needs a gradient), as bitsandbytes' MatMul4Bit;
-- fused optimizers run as their single-tensor form (same state; per-tensor temporaries).
-
+- fused optimizers run as their single-tensor form (same state; per-tensor temporaries);
 - autocast (``bf16``/``fp16``): the casts torch.autocast makes, replayed on meta (``MetaAutocast``): float32
   inputs of matmuls and attention to 16 bits (the copies autograd saves), 16-bit inputs of losses (and on
   CUDA softmax, norms, reductions) to float32, weight casts cached for the forward.

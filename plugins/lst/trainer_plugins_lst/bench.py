@@ -1,6 +1,6 @@
 """LST's methods for `trainer-plugins bench`: a frozen (optionally NF4) backbone and a float32 side network of
-width d/8 on every layer (random init: memory and speed do not depend on the values); the ``-autocast`` ones
-run it as the recipes do with ``bf16: true`` (bf16 matmuls over the float32 side weights)."""
+width d/8 on every layer, or every 2nd (random init: memory and speed do not depend on the values); the
+``-autocast`` ones run it as the recipes do with ``bf16: true`` (bf16 matmuls over the float32 side weights)."""
 
 from trainer_plugins.bench import BenchMethod, nf4
 
@@ -8,14 +8,13 @@ from trainer_plugins.bench import BenchMethod, nf4
 def _lst(reduction=8, four_bit=False, layers="all"):
     def prepare(model):
         from .families import layers_of
+        from .plugin import layer_ids
         from .pruning import SideSettings, build, init_random
         from .side import attach
 
         if four_bit:
             nf4(model)
         model.requires_grad_(False)
-        from .plugin import layer_ids
-
         chosen = layer_ids(layers, model.config.num_hidden_layers)  # as the flag lst_layers
         side = build(model, SideSettings(reduction=reduction, layer_ids=chosen))
         device = model.get_input_embeddings().weight.device
