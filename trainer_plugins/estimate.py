@@ -133,7 +133,8 @@ def cuda_attention_is_math(query, key, attn_mask=None) -> bool:
 
 # -- autocast: the meta device has no autocast dispatch key, so its casts are replayed here ---------------------
 _F = torch.nn.functional
-# ops torch.autocast runs in the 16-bit dtype (in both CUDA's and the CPU's lists; SDPA: see _meta_sdpa)
+# ops torch.autocast runs in the 16-bit dtype (in both CUDA's and the CPU's lists, see torch's "Autocast Op
+# Reference"; SDPA: see _meta_sdpa)
 _LOWER_PRECISION = frozenset({
     _F.linear, _F.conv1d, _F.conv2d, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm,
     torch.Tensor.mm, torch.bmm, torch.Tensor.bmm, torch.addmm, torch.Tensor.addmm, torch.baddbmm,
@@ -173,7 +174,7 @@ class MetaAutocast(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _LOWER_PRECISION or func in self.float32:
+        if (func in _LOWER_PRECISION or func in self.float32) and kwargs.get("dtype") is None:  # dtype=: not eligible
             dtype = self.dtype if func in _LOWER_PRECISION else torch.float32
             args, kwargs = tree_map(lambda t: self.cast(t, dtype), (args, kwargs))
         return func(*args, **kwargs)
