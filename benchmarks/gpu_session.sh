@@ -7,8 +7,8 @@
 #
 # BUDGET_S (default 480): no new case starts after that many seconds of the Python run.
 # BENCH_GROUPS="lst-7b loram-1b": only those groups, in that order (names: gpu_session.py's groups).
-# SHAPE_SMALL / SHAPE_LARGE (1b / 7b) and STEPS (5) size the runs; on a CPU: SHAPE_SMALL=tiny SHAPE_LARGE=tiny
-# DEVICE=cpu.
+# SHAPE_SMALL / SHAPE_LARGE / SHAPE_LARGEST (1b / 7b / 13b) and STEPS (5) size the runs; on a CPU:
+# SHAPE_SMALL=tiny SHAPE_LARGE=tiny SHAPE_LARGEST=tiny DEVICE=cpu.
 # Every result carries estimate_gib and estimate_vs_peak: the check of `trainer-plugins estimate`.
 set -uo pipefail
 out=${OUT:-benchmarks/results}
