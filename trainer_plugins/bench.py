@@ -141,7 +141,7 @@ BASELINES = {
                          description="full fine-tuning, torch AdamW (fused on CUDA)"),
     "sgd": BenchMethod(optimizer=lambda model, lr: torch.optim.SGD(model.parameters(), lr=lr),
                        description="full fine-tuning, SGD: no optimizer state (the floor)"),
-    "sgd-checkpointing": BenchMethod(prepare=lambda model: enable_checkpointing(model),
+    "sgd-checkpointing": BenchMethod(prepare=enable_checkpointing,
                                      optimizer=lambda model, lr: torch.optim.SGD(model.parameters(), lr=lr),
                                      description="SGD + activation checkpointing: the floor once gradients set the peak"),
     "apollo-torch": BenchMethod(optimizer=_apollo_torch(256, 1.0, "channel"), description="apollo-torch, rank 256"),
@@ -264,9 +264,11 @@ def run_case(name: str, method: BenchMethod, shape: dict, device: str, dtype: to
 
 def with_ratios(results: list[dict]) -> list[dict]:
     measured = [r for r in results if "median_step_s" in r]  # failed or skipped cases have no numbers
-    estimated = [r for r in results if "estimate_gib" in r]
-    for r in estimated if estimated and estimated[0]["estimate_gib"] else []:
-        r[f"estimate_vs_{estimated[0]['method']}"] = round(r["estimate_gib"] / estimated[0]["estimate_gib"], 3)
+    estimated = [r for r in results if "estimate_gib" in r and "peak_gib" not in r]  # --estimate-only
+    if estimated and estimated[0]["estimate_gib"]:
+        base = estimated[0]
+        for r in estimated:
+            r[f"estimate_vs_{base['method']}"] = round(r["estimate_gib"] / base["estimate_gib"], 3)
     if not measured:
         return results
     base = measured[0]

@@ -5,20 +5,18 @@ embeddings and head moved to APOLLO too (``apollo_embeddings``), which leaves no
 from trainer_plugins.bench import BenchMethod, decoder_linear_groups, enable_checkpointing
 
 
-def _ours(rank, scale, scale_type, layerwise=False, embeddings=False, checkpointing=False):
+def _ours(rank, scale, scale_type, layerwise=False, embeddings=False):
     def build(model, lr):
         from .optimizer import APOLLO, register_layerwise_hooks
         from .plugin import embedding_weight_names
 
         rest, low_rank = decoder_linear_groups(model, rank=rank, scale=scale, scale_type=scale_type,
                                                update_proj_gap=200)
-        if embeddings:
-            moved = {id(p) for name, p in model.named_parameters() if name in embedding_weight_names(model)}
+        if embeddings:  # as the flag apollo_embeddings
+            moved = {id(model.get_parameter(name)) for name in embedding_weight_names(model)}
             low_rank["params"] += [p for p in rest["params"] if id(p) in moved]
             rest["params"] = [p for p in rest["params"] if id(p) not in moved]
         opt = APOLLO([rest, low_rank], lr=lr)
-        if checkpointing:
-            enable_checkpointing(model)
         if layerwise:  # the update runs as each gradient is ready; step() then has nothing left to do
             register_layerwise_hooks(model.parameters(), opt)
         return opt
@@ -39,6 +37,6 @@ METHODS = {
     # SGD's floor is weights + full gradients only where gradients, not activations, set the peak: the 7B
     # shape at batch 1, or any shape with activation checkpointing (against sgd-checkpointing)
     "apollo-mini-layerwise-embeddings-checkpointing": BenchMethod(
-        optimizer=_ours(1, 128.0, "tensor", layerwise=True, embeddings=True, checkpointing=True),
+        prepare=enable_checkpointing, optimizer=_ours(1, 128.0, "tensor", layerwise=True, embeddings=True),
         description="the same + activation checkpointing"),
 }
