@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer_plugins.recipes import load_recipe, read_recipe
+from trainer_plugins.recipes import load_recipe, mixed_precision_of, read_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
@@ -75,7 +75,6 @@ def test_gpu_recipe_fits_one_80gb_gpu(path, request, tmp_path):
     overrides = {"model_name_or_path": str(tmp_path / "config")}
     if not torch.cuda.is_available():
         overrides.update({k: False for k in ("bf16", "fp16") if flat.get(k)})
-    mixed = next((k for k in ("bf16", "fp16") if flat.get(k)), "no")  # its autocast, though the flags are off here
     report = estimate_recipe(load_recipe(path, overrides=overrides), world_size=8 if "deepspeed" in flat else 1,
-                             mixed_precision=mixed)
+                             mixed_precision=mixed_precision_of(flat))  # its autocast, though the flags are off here
     assert report["per_gpu"]["peak"] < 72 * GiB, f"{path.name}: {report['per_gpu']['peak'] / GiB:.1f} GiB"

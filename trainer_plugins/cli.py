@@ -98,12 +98,11 @@ def cmd_estimate(ns) -> int:
 
     from .errors import ConfigError
     from .estimate import GiB, estimate_recipe, format_estimate, measure_recipe
-    from .recipes import load_recipe, parse_overrides, read_recipe
+    from .recipes import load_recipe, mixed_precision_of, parse_overrides, read_recipe
     from .spec import deepspeed_stage
 
     flat = {**read_recipe(ns.recipe), **parse_overrides(ns.overrides)}
-    # the recipe's autocast, read before the flags are switched off below
-    mixed = next((k for k in ("bf16", "fp16") if str(flat.get(k, "")).lower() in ("true", "1", "yes")), "no")
+    mixed = mixed_precision_of(flat)  # read before the flags are switched off below
     overrides = ns.overrides
     if not torch.cuda.is_available():  # transformers refuses bf16/fp16 flags without a GPU; the dtype decides here
         overrides = ["--bf16", "false", "--fp16", "false", *overrides]

@@ -108,6 +108,11 @@ def _resolve_relative_paths(flat: dict, recipe_dir: Path) -> None:
         flat["deepspeed"] = str(recipe_dir / ds)
 
 
+def mixed_precision_of(flat: dict) -> str:
+    """"bf16", "fp16" or "no": the autocast a flat recipe asks for (read before a CPU run switches the flags off)."""
+    return next((k for k in ("bf16", "fp16") if str(flat.get(k, "")).lower() in ("true", "1", "yes")), "no")
+
+
 def parse_overrides(argv: list[str]) -> dict:
     """``--key value`` / ``--key=value`` / ``--flag`` -> dict; values are read as YAML scalars."""
     out, i = {}, 0
