@@ -34,9 +34,7 @@ SHAPE = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_
 def build(name: str, layers: int):
     method = bench.methods()[name]
     torch.manual_seed(0)
-    model = bench.build_model(dict(SHAPE, num_hidden_layers=layers), "cpu", torch.float32)
-    if method.prepare is not None:
-        model = method.prepare(model)
+    model = bench.prepared_model(method, dict(SHAPE, num_hidden_layers=layers), "cpu", torch.float32)
     return model, (method.optimizer or bench.adamw_over_trainable)(model, 1e-4)
 
 

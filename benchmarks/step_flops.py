@@ -26,10 +26,7 @@ METHODS = ["adamw", "lora-r16", "lora-checkpointing", "lst", "meft", "loram-65",
 
 
 def step_flops(name: str, shape: dict) -> int:
-    method = bench.methods()[name]
-    model = bench.build_model(shape, "meta", torch.bfloat16)
-    if method.prepare is not None:
-        model = method.prepare(model)
+    model = bench.prepared_model(bench.methods()[name], shape, "meta", torch.bfloat16)
     model.train()
     batch = language_model_batch(shape["vocab_size"], shape["batch"], shape["seq"])()
     counter = FlopCounterMode(display=False)

@@ -93,14 +93,19 @@ def test_a_failing_case_is_recorded_and_the_next_one_runs(tmp_path, capsys):
     assert "broken failed" in capsys.readouterr().err
 
 
-def test_gpu_summary_measures_the_leftover_offset_from_repeated_cases(tmp_path):
+def benchmark_script(name: str):
+    """A script of benchmarks/ (not a package) loaded as a module."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).parents[1] / "benchmarks" / "gpu_summary.py"
-    spec = importlib.util.spec_from_file_location("gpu_summary", path)
-    summary_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(summary_module)
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_summary_measures_the_leftover_offset_from_repeated_cases(tmp_path):
+    summary_module = benchmark_script("gpu_summary")
 
     def report(shape, rows):
         return {"shape": shape, "device": "GPU", "torch": "2.x", "dtype": "bfloat16", "date": "d", "warmup": 1,
@@ -124,12 +129,6 @@ def test_gpu_summary_measures_the_leftover_offset_from_repeated_cases(tmp_path):
 
 def test_every_gpu_session_method_exists():
     """A typo in the prepared GPU run would cost a case of a session that has minutes of device time."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parents[1] / "benchmarks" / "gpu_session.py"
-    spec = importlib.util.spec_from_file_location("gpu_session", path)
-    session = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(session)
+    session = benchmark_script("gpu_session")
     named = {m for _, _, _, group in session.groups("1b", "7b") for m in group}
     assert named and not named - set(methods())

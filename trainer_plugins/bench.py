@@ -180,14 +180,18 @@ def build_model(shape: dict, device: str, dtype: torch.dtype):
         return LlamaForCausalLM(config).to(dtype)
 
 
+def prepared_model(method: BenchMethod, shape: dict, device: str, dtype: torch.dtype):
+    """The shape's random-weight Llama on ``device`` (``"meta"``: shapes only), changed by the method's ``prepare``."""
+    model = build_model(shape, device, dtype)
+    return method.prepare(model) if method.prepare is not None else model
+
+
 def estimate_case(method: BenchMethod, shape: dict, dtype: torch.dtype, device: str = "cuda") -> int:
     """The peak `trainer-plugins estimate` predicts for this case on ``device`` (the same steps on the meta
     device), in bytes."""
     from .estimate import language_model_batch, simulate_training
 
-    model = build_model(shape, "meta", dtype)
-    if method.prepare is not None:
-        model = method.prepare(model)
+    model = prepared_model(method, shape, "meta", dtype)
     optimizer = (method.optimizer or adamw_over_trainable)(model, 1e-4)
     batch = language_model_batch(shape["vocab_size"], shape["batch"], shape["seq"])
     return simulate_training(model, optimizer, batch, device=torch.device(device).type,
@@ -205,9 +209,7 @@ def run_case(name: str, method: BenchMethod, shape: dict, device: str, dtype: to
     # case leaves behind is reported, so a leak shows).
     already_allocated = torch.cuda.memory_allocated() if cuda else 0
     torch.manual_seed(0)
-    model = build_model(shape, device, dtype)
-    if method.prepare is not None:
-        model = method.prepare(model)
+    model = prepared_model(method, shape, device, dtype)
     model.train()
     optimizer = (method.optimizer or adamw_over_trainable)(model, 1e-4)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
