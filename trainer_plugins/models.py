@@ -286,6 +286,7 @@ def quantize_linears_4bit(model, quantization_config, device) -> None:
             q.bias = torch.nn.Parameter(linear.bias.data.to(device, qc.bnb_4bit_compute_dtype), requires_grad=False)
         setattr(model.get_submodule(parent_name), child, q)
     model.to(device)
+    keep_4bit_layout(model)
     model.is_loaded_in_4bit = True
 
 
@@ -300,9 +301,24 @@ def load_model(model_args: ModelArguments, *, zero3: bool = False):
         _init_deepspeed_comm()
     if model_args.load_in_4bit:
         kwargs["quantization_config"] = quantization_config(model_args, zero3=zero3)
-        if not torch.cuda.is_available():
+        if not torch.cuda.is_available() and not zero3:  # ZeRO-3 takes no device_map; bnb then picks the CPU
             kwargs["device_map"] = "cpu"
-    return auto.from_pretrained(model_source(model_args), config=config, dtype=dtype, **kwargs)
+    model = auto.from_pretrained(model_source(model_args), config=config, dtype=dtype, **kwargs)
+    if model_args.load_in_4bit:
+        keep_4bit_layout(model)
+    return model
+
+
+def keep_4bit_layout(model) -> None:
+    """Stop bitsandbytes re-packing 4-bit weights in place for its AVX512-BF16 CPU inference kernel, which it
+    does on the first forward in eval mode without gradients (an evaluation). That kernel (``gemv_4bit``) has
+    no autograd: training through the layer afterwards silently drops the gradient of its input, so a LoRA
+    below it would learn from a wrong gradient. And under ZeRO-3, DeepSpeed owns the packed tensors (it
+    partitions them and gathers them for each forward): a re-pack in place leaves a quant state that no longer
+    matches what it gathers. No effect on GPUs, which never re-pack."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def model_class(model_args: ModelArguments, config) -> tuple[type, dict]:

@@ -64,6 +64,33 @@ def test_4bit_load(tiny_model_dir):
     assert torch.isfinite(out.logits).all()
 
 
+def test_4bit_layers_keep_input_gradients_after_an_evaluation(tiny_model_dir):
+    """bitsandbytes re-packs 4-bit weights for its CPU inference kernel on an eval-mode forward without
+    gradients, and that kernel has no autograd: a LoRA trained after an evaluation would lose the gradient
+    through every 4-bit layer above it. Host-loaded and host-quantised 4-bit models keep their layout."""
+    import bitsandbytes as bnb
+
+    from trainer_plugins.models import quantization_config, quantize_linears_4bit
+
+    four_bit = ModelArguments(model_name_or_path=tiny_model_dir, load_in_4bit=True, dtype="float32")
+    quantised = load_model(ModelArguments(model_name_or_path=tiny_model_dir))
+    quantize_linears_4bit(quantised, quantization_config(four_bit), "cpu")
+    for model in (load_model(four_bit), quantised):
+        layer = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+
+        def input_grad():
+            x = torch.randn(2, 3, layer.in_features, generator=torch.Generator().manual_seed(0), requires_grad=True)
+            layer.train()(x).sum().backward()
+            return x.grad
+
+        before = input_grad()
+        with torch.no_grad():
+            layer.eval()(torch.randn(2, 3, layer.in_features))
+        after = input_grad()
+        assert before is not None and after is not None
+        torch.testing.assert_close(after, before)
+
+
 def test_4bit_storage_follows_compute_dtype_under_zero3():
     from trainer_plugins.models import quantization_config
 

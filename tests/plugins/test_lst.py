@@ -15,7 +15,7 @@ from trainer_plugins.models import tiny_llama_config
 from trainer_plugins.recipes import load_recipe, run_recipe
 from trainer_plugins_lst import load, side_of
 from trainer_plugins_lst.plugin import CONFIG_NAME, WEIGHTS_NAME
-from helpers import ROOT, losses, save_tiny_llama, torchrun
+from helpers import ROOT, four_bit_two_processes_equal_one, losses, save_tiny_llama, torchrun
 
 SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
 COMMON = dict(per_device_train_batch_size=4, logging_steps=1, report_to=[], use_cpu=True, seed=0, learning_rate=1e-2,
@@ -179,8 +179,6 @@ def test_refusals_that_need_the_model_config_or_setup(model_dir, tmp_path, deeps
     zero3 = str(ROOT / "recipes" / "deepspeed" / "zero3.json")
     with pytest.raises(ConfigError, match="fisher runs a backward pass"):
         load_recipe(recipe(model_dir, tmp_path, lst_importance="fisher", deepspeed=zero3))
-    with pytest.raises(ConfigError, match="does not support DeepSpeed ZeRO-3 with a 4-bit base"):
-        load_recipe(recipe(model_dir, tmp_path, model={"load_in_4bit": True}, deepspeed=zero3))
     no_gather = tmp_path / "zero3-no-gather.json"
     config = json.loads(open(zero3).read())
     config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
@@ -224,3 +222,15 @@ def test_two_processes_equal_one_process_and_save_the_side_network(model_dir, st
     assert ours.keys() == reference.keys()
     for key in ours:
         torch.testing.assert_close(ours[key], reference[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["ddp", 2, 3])
+def test_4bit_backbone_with_two_processes_equals_one_process(recipe_model_dir, tmp_path, stage):
+    """QST-style LST (NF4 backbone) through the CLI with 2 processes: under DDP and ZeRO-2 each rank quantises its
+    own frozen backbone, under ZeRO-3 DeepSpeed partitions the packed 4-bit weights (stored in the compute dtype)
+    and gathers them for each layer; the losses equal the one-process run on the same global batches and the
+    saved side network equals its side network."""
+    pytest.importorskip("bitsandbytes")
+    saved = four_bit_two_processes_equal_one(tmp_path, recipe_model_dir, stage, WEIGHTS_NAME, **LST, learning_rate=1e-2)
+    assert all(k.startswith("lst_side.") for k in saved)

@@ -85,9 +85,9 @@ def plugin_spec():
         conflicts={"meft": "meft makes the full model reversible; loram trains LoRA on a pruned copy",
                    "lst": "lst trains a side network; loram trains LoRA on a pruned copy",
                    "sparse": "sparse prunes during full training; loram prunes once before training a LoRA"},
-        # QLoRAM with DDP / ZeRO-2: every rank prunes the same way and quantises its own copy. ZeRO-3 would
-        # have to partition 4-bit weights it did not create: refused.
-        supports=frozenset({"ddp", "zero2", "zero3", "4bit", "ddp+4bit", "zero2+4bit"}),
+        # QLoRAM with DDP / ZeRO-2: every rank prunes the same way and quantises its own copy; with ZeRO-3
+        # DeepSpeed then partitions that pruned 4-bit model (quant storage = compute dtype) like any other.
+        supports=frozenset({"ddp", "zero2", "zero3", "4bit", "ddp+4bit", "zero2+4bit", "zero3+4bit"}),
         evidence={
             "single": "tests/plugins/test_loram.py::test_resume_equals_the_uninterrupted_run",
             "ddp": "tests/plugins/test_loram.py::test_two_processes_equal_one_process_and_save_a_complete_adapter[ddp]",
@@ -96,6 +96,7 @@ def plugin_spec():
             "4bit": "tests/plugins/test_loram.py::test_qloram_prunes_then_quantises_and_recovers",
             "ddp+4bit": "tests/plugins/test_loram.py::test_qloram_with_two_processes_equals_one_process[ddp]",
             "zero2+4bit": "tests/plugins/test_loram.py::test_qloram_with_two_processes_equals_one_process[2]",
+            "zero3+4bit": "tests/plugins/test_loram.py::test_qloram_with_two_processes_equals_one_process[3]",
         },
     )
 
@@ -363,8 +364,10 @@ def load_model(args, model_args):
     state.dtype = dtype
     if model_args.load_in_4bit:
         from trainer_plugins.models import quantize_linears_4bit
+        from trainer_plugins.trainer import deepspeed_stage
 
-        quantize_linears_4bit(model, quantization_config(model_args), _device())
+        zero3 = deepspeed_stage(args) == 3  # DeepSpeed partitions the pruned 4-bit model when the Trainer starts
+        quantize_linears_4bit(model, quantization_config(model_args, zero3=zero3), _device())
         state.record["4bit"] = model_args.bnb_4bit_quant_type
     return model
 

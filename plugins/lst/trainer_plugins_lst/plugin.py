@@ -59,14 +59,18 @@ def plugin_spec():
         description="Ladder Side-Tuning: a small side network fed by a frozen backbone, no backprop through it",
         requires={"safetensors": "safetensors"},
         # 4-bit: the backbone is frozen, so it may be quantised (QST). ZeRO-3 partitions backbone and side alike.
-        # A 4-bit backbone with several processes is not tested yet, so refused.
-        supports=frozenset({"ddp", "zero2", "zero3", "4bit"}),
+        # A 4-bit backbone with DDP / ZeRO-2: every rank quantises its own frozen copy; only the side syncs. With
+        # ZeRO-3, DeepSpeed partitions the packed 4-bit weights (quant storage = compute dtype) like any other.
+        supports=frozenset({"ddp", "zero2", "zero3", "4bit", "ddp+4bit", "zero2+4bit", "zero3+4bit"}),
         evidence={
             "single": "tests/plugins/test_lst.py::test_resume_equals_the_uninterrupted_run",
             "ddp": "tests/plugins/test_lst.py::test_two_processes_equal_one_process_and_save_the_side_network[ddp]",
             "zero2": "tests/plugins/test_lst.py::test_two_processes_equal_one_process_and_save_the_side_network[2]",
             "zero3": "tests/plugins/test_lst.py::test_two_processes_equal_one_process_and_save_the_side_network[3]",
             "4bit": "tests/plugins/test_lst.py::test_recipe_with_a_4bit_backbone_and_fisher_importance",
+            "ddp+4bit": "tests/plugins/test_lst.py::test_4bit_backbone_with_two_processes_equals_one_process[ddp]",
+            "zero2+4bit": "tests/plugins/test_lst.py::test_4bit_backbone_with_two_processes_equals_one_process[2]",
+            "zero3+4bit": "tests/plugins/test_lst.py::test_4bit_backbone_with_two_processes_equals_one_process[3]",
         },
         conflicts={
             "meft": "MEFT makes the backbone's own layers trainable and reversible; LST freezes them",

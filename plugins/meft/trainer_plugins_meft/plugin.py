@@ -54,13 +54,15 @@ def plugin_spec():
         # ZeRO-2's gradient hooks see each once (tested, 2 processes). ZeRO-3 is refused: the layers
         # re-run inside our backward find weights ZeRO-3 has partitioned ("expected shape [0]").
         # 4-bit base: frozen, and re-running a layer dequantises the same packed weights, so the
-        # reconstruction is as exact as in 16/32 bits (tested).
-        supports=frozenset({"ddp", "zero2", "4bit"}),
+        # reconstruction is as exact as in 16/32 bits (tested). With DDP / ZeRO-2 every rank quantises its own.
+        supports=frozenset({"ddp", "zero2", "4bit", "ddp+4bit", "zero2+4bit"}),
         evidence={
             "single": "tests/plugins/test_meft.py::test_trains_resumes_exactly_and_reloads",
             "ddp": "tests/plugins/test_meft.py::test_two_processes_equal_one_process[ddp]",
             "zero2": "tests/plugins/test_meft.py::test_two_processes_equal_one_process[2]",
             "4bit": "tests/plugins/test_meft.py::test_4bit_base_reconstructs_exactly",
+            "ddp+4bit": "tests/plugins/test_meft.py::test_4bit_base_with_two_processes_equals_one_process[ddp]",
+            "zero2+4bit": "tests/plugins/test_meft.py::test_4bit_base_with_two_processes_equals_one_process[2]",
         },
         conflicts={"apollo": "MEFT trains adapters; APOLLO is a full-parameter optimizer"},
     )
