@@ -71,7 +71,7 @@ def plugin_spec():
                    "lst": "lst trains a side network on a frozen backbone; sparse prunes the weights being trained"},
         supports=frozenset({"ddp", "zero2", "zero3"}),
         # APOLLO builds the optimizer, sparse masks its weights and moments.
-        works_with={"apollo": frozenset({"single", "zero2"})},
+        works_with={"apollo": frozenset({"single", "ddp", "zero2", "zero3"})},
         evidence={
             "single": "tests/plugins/test_sparse.py::test_resume_mid_schedule_equals_the_uninterrupted_run",
             "ddp": "tests/plugins/test_sparse.py::test_two_processes_equal_one_process[ddp-flags0]",
@@ -79,6 +79,8 @@ def plugin_spec():
             "zero3": "tests/plugins/test_sparse.py::test_two_processes_equal_one_process[3-flags2]",
             "apollo@single": "tests/plugins/test_sparse.py::test_pruned_weights_stay_exactly_zero_after_every_step[apollo]",
             "apollo@zero2": "tests/plugins/test_sparse.py::test_two_processes_equal_one_process[2-flags5]",
+            "apollo@ddp": "tests/plugins/test_sparse.py::test_two_processes_equal_one_process[ddp-flags6]",
+            "apollo@zero3": "tests/plugins/test_sparse.py::test_two_processes_equal_one_process[3-flags7]",
         },
     )
 
