@@ -170,6 +170,8 @@ ZERO_CASES = {
     "ZeRO-3": (3, {}),
     "ZeRO-3, lst (no-grad backbone)": (3, {"lst": True}),
     "ZeRO-3, loram (frozen base)": (3, LORAM),
+    "ZeRO-3, qloram (partitioned 4-bit base)": (3, {**LORAM, "load_in_4bit": True}),
+    "ZeRO-3, lst 4-bit backbone": (3, {"lst": True, "load_in_4bit": True}),
     # stage 2 keeps a second partition-sized buffer while accumulating (stage 3 does not: seen 1.003)
     "ZeRO-2, gradient accumulation": (2, {"gradient_accumulation_steps": 2}),
 }
