@@ -26,11 +26,11 @@ def groups(small: str, large: str, largest: str = "13b") -> list[tuple[str, str,
     """(name, shape, layers, methods), in the order the open issues need them."""
     return [
         # what changed since the 2026-11-27 session, first, trimmed to the cases the open bars need (the rest was
-        # measured then): LST under bf16 autocast (the recipes' setting), APOLLO-Mini's batched tensor scaling,
-        # apollo_embeddings and layer-wise below SGD, the sparse overhead bars (issue 4), LoRAM with activation
-        # checkpointing on 7B and 13B (issue 5)
-        ("lst", large, None, ["adamw", "lora-r16", "lst", "lst-autocast", "lst-4bit-autocast",
-                              "lst-every-2-autocast"]),  # issue 6's bar: 7B
+        # measured then): LST under bf16 autocast (the recipes' setting) and with whole heads, APOLLO-Mini's batched
+        # tensor scaling, apollo_embeddings and layer-wise below SGD, the sparse overhead bars (issue 4), LoRAM with
+        # activation checkpointing on 7B and 13B (issue 5)
+        ("lst", large, None, ["adamw", "lora-r16", "lst", "lst-autocast", "lst-full-heads-autocast",
+                              "lst-full-heads", "lst-4bit-autocast", "lst-every-2-autocast"]),  # issue 6's bar: 7B
         ("apollo", small, None, ["adamw", "sgd", "apollo-torch-mini", "apollo-mini", "apollo-mini-embeddings",
                                  "apollo-mini-layerwise", "sgd-checkpointing",
                                  "apollo-mini-layerwise-embeddings-checkpointing"]),  # issue 3
@@ -43,7 +43,8 @@ def groups(small: str, large: str, largest: str = "13b") -> list[tuple[str, str,
         ("loram", largest, None, ["lora", "lora-checkpointing", "qlora-peft", "loram-65", "qloram-65",
                                 "qloram-65-checkpointing"]),
         # then the rest, again, on this session's versions
-        ("lst", small, None, ["adamw", "lora-r16", "qlora-r16-peft", "lst", "lst-4bit", "lst-autocast"]),
+        ("lst", small, None, ["adamw", "lora-r16", "qlora-r16-peft", "lst", "lst-4bit", "lst-autocast",
+                              "lst-full-heads-autocast"]),
         ("loram", small, None, ["lora", "qlora-peft", "qlora-peft-no-checkpointing", "loram-50", "loram-65",
                                 "qloram-65"]),
         ("meft", small, None, ["adamw", "lora", "lora-checkpointing", "meft"]),  # issue 7 (resolved): re-check

@@ -5,7 +5,8 @@ Eval loss / perplexity on held-out stdlib modules of
   - LoRA r8 on all projections (peft, through loram with nothing pruned: the same code as plain LoRA)
   - LST r8, side layers pruned from the backbone (recipes/smollm2-135m/lst.yaml)
 and the ablations: random side init (QST), r = 16, merge=none (the paper's output: the side network
-alone), and the learning rate of both methods (LST: 2e-3, the recipe's, 5e-3, 1e-2, 2e-2; LoRA: 5e-4, the
+alone), whole heads (lst_head_size full: SmolLM2's 9 heads of 64 become 1 head of 64 instead of 9 of 8,
+at the recipe's rate and at 2e-2), and the learning rate of both methods (LST: 2e-3, the recipe's, 5e-3, 1e-2, 2e-2; LoRA: 5e-4, the
 recipe's, 1e-3, 2e-3), so each is also compared at its best rate.
 Trainable parameter counts come from each run's memory report.
 
@@ -31,6 +32,9 @@ RUNS = {
     "lst_r8_pruned_lr5e-3": [LST, "--learning_rate", "5e-3", "--output_dir", "outputs/smollm2-135m-lst-lr5e-3"],
     "lst_r8_pruned_lr1e-2": [LST, "--learning_rate", "1e-2", "--output_dir", "outputs/smollm2-135m-lst-lr1e-2"],
     "lst_r8_pruned_lr2e-2": [LST, "--learning_rate", "2e-2", "--output_dir", "outputs/smollm2-135m-lst-lr2e-2"],
+    "lst_r8_full_heads": [LST, "--lst_head_size", "full", "--output_dir", "outputs/smollm2-135m-lst-full-heads"],
+    "lst_r8_full_heads_lr2e-2": [LST, "--lst_head_size", "full", "--learning_rate", "2e-2", "--output_dir",
+                                 "outputs/smollm2-135m-lst-full-heads-lr2e-2"],
     "lora_r8_lr1e-3": [LORA, "--loram_ratio", "0", "--loram_importance", "magnitude", "--loram_merge", "false",
                        "--learning_rate", "1e-3", "--output_dir", "outputs/smollm2-135m-lora-r8-lr1e-3"],
     "lora_r8_lr2e-3": [LORA, "--loram_ratio", "0", "--loram_importance", "magnitude", "--loram_merge", "false",
@@ -59,6 +63,9 @@ def main():
         "lst_vs_lora_eval_loss": round(lst / lora, 4),
         "lst_improves_on_untouched": lst < table["untouched"]["eval_loss"],
         "pruned_init_beats_random": lst < table["lst_r8_random"]["eval_loss"],
+        "full_heads_vs_reduced_eval_loss": round(table["lst_r8_full_heads"]["eval_loss"] / lst, 4),
+        "full_heads_vs_reduced_at_2e-2": round(table["lst_r8_full_heads_lr2e-2"]["eval_loss"]
+                                               / table["lst_r8_pruned_lr2e-2"]["eval_loss"], 4),
     }
     best = min(LEARNING_RATES, key=lambda lr: table[LEARNING_RATES[lr]]["eval_loss"])
     best_lora = min(LORA_LEARNING_RATES, key=lambda lr: table[LORA_LEARNING_RATES[lr]]["eval_loss"])

@@ -85,6 +85,21 @@ def test_only_the_side_network_trains_and_is_saved_alone_and_reloads(model_dir, 
         load(LlamaForCausalLM(tiny_llama_config(**{**SHAPE, "hidden_size": 32})), tmp_path)
 
 
+def test_whole_heads_train_save_and_reload(model_dir, tmp_path):
+    """lst_head_size=full: the side layers have r x fewer heads of the backbone's size; the setting is saved with
+    the side network, reloads it, and a side directory built the other way is refused."""
+    trainer = trainer_for(model_dir, tmp_path, lst_head_size="full", lst_reduction_factor=2, max_steps=4)
+    block = side_of(trainer.model).steps[0].block.self_attn
+    assert block.q_proj.weight.shape == (2 * 16, 32) and block.k_proj.weight.shape == (1 * 16, 32)  # head size 16
+    trainer.train()
+    trainer.save_model()
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["settings"]["head_size"] == "full"
+    reloaded = load(LlamaForCausalLM.from_pretrained(model_dir), tmp_path)
+    torch.testing.assert_close(logits(reloaded), logits(trainer.model), rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="lst_head_size='reduced' \\(saved: 'full'\\)"):
+        load_recipe(recipe(model_dir, tmp_path / "again", lst_reduction_factor=2, lst_side_dir=str(tmp_path)))
+
+
 def test_resume_equals_the_uninterrupted_run(model_dir, tmp_path):
     full = trainer_for(model_dir, tmp_path / "a", lst_layers="every:2")
     full.train()
@@ -154,6 +169,8 @@ def recipe(model_dir, out, model=None, **train):
 
 @pytest.mark.parametrize("flags, message", [
     ({"lst_reduction_factor": 5}, "lst_reduction_factor=5 does not divide"),
+    ({"lst_head_size": "full", "lst_reduction_factor": 8}, "4 heads on 2 KV heads, hidden 64: whole heads"),
+    ({"lst_head_size": "whole"}, "'lst_head_size': must be one of ['reduced', 'full']"),
     ({"lst_reduction_factor": 1}, "must be >= 2"),
     ({"lst_layers": "2,9"}, "layers [9] do not exist"),
     ({"lst_layers": "every:0"}, "every:K"),
@@ -188,6 +205,8 @@ def test_refusals_that_need_the_model_config_or_setup(model_dir, tmp_path, deeps
     bert = tmp_path / "bert"
     BertConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                num_attention_heads=4).save_pretrained(bert)
+    with pytest.raises(ConfigError, match="lst_head_size=full needs an attention whose head size"):
+        load_recipe(recipe(str(bert), tmp_path, lst_head_size="full"))
     with pytest.raises(ConfigError, match="for encoders use lst_importance=magnitude"):
         load_recipe(recipe(str(bert), tmp_path, lst_importance="fisher"))
 

@@ -43,8 +43,8 @@ def make(name, seed=0):
     return model
 
 
-def with_side(model, reduction=4, layers=None, init="pruned", merge="add", importance=magnitude):
-    settings = SideSettings(reduction=reduction, merge=merge,
+def with_side(model, reduction=4, layers=None, init="pruned", merge="add", importance=magnitude, head_size="reduced"):
+    settings = SideSettings(reduction=reduction, merge=merge, head_size=head_size,
                             layer_ids=layers if layers is not None else list(range(model.config.num_hidden_layers)))
     side = build(model, settings)
     if init == "pruned":
@@ -167,10 +167,57 @@ def test_pruned_heads_rotate_like_the_backbone_heads_kept_dims(name):
 
 
 @pytest.mark.parametrize("name", sorted(DECODERS))
-@pytest.mark.parametrize("layers", [None, [0, 3]])
-def test_cached_generation_equals_step_by_step_decoding(name, layers):
+def test_whole_heads_are_backbone_heads_on_the_kept_dims(name):
+    """lst_head_size=full: a side head is a kept backbone head, whole. On an input that lives on the kept residual
+    dims its queries and keys after RoPE (the backbone's own frequencies) equal the backbone's for those heads,
+    and the side attention's output is the backbone attention's with only the kept heads writing, on those dims."""
+    from trainer_plugins_lst.side import rotary
+
     model = make(name)
-    side = with_side(model, layers=layers)
+    config = model.config
+    settings = SideSettings(reduction=2, layer_ids=[1], head_size="full")
+    side = build(model, settings)
+    selection = select(model, settings)
+    init_pruned(model, side, selection)
+    kept = selection.layers[1]
+    assert families.full_heads(config, 2) == (2, 1) and len(kept["q_heads"]) == 2 and len(kept["kv_groups"]) == 1
+    assert set(kept["q_heads"].tolist()) <= {2 * g + j for g in kept["kv_groups"].tolist() for j in (0, 1)}
+    hd = families.head_dim(config)
+    torch.manual_seed(3)
+    x_side = torch.randn(1, 7, 32)
+    x_full = torch.zeros(1, 7, 64)
+    x_full[..., selection.res] = x_side
+    positions = torch.arange(7)[None]
+    big, small = model.base_model.layers[1].self_attn, side.steps[0].block.self_attn
+    cos, sin = model.base_model.rotary_emb(x_full, positions)
+    cos_s, sin_s = rotary(side.steps[0].inv_freq, positions, 1.0, torch.float32)
+    assert torch.equal(side.steps[0].inv_freq, model.base_model.rotary_emb.inv_freq)
+
+    def heads(t, n):
+        return t.view(1, 7, n, hd).transpose(1, 2)
+
+    with torch.no_grad():
+        q_big, k_big = heads(big.q_proj(x_full), 4)[:, kept["q_heads"]], heads(big.k_proj(x_full), 2)[:, kept["kv_groups"]]
+        q_small, k_small = heads(small.q_proj(x_side), 2), heads(small.k_proj(x_side), 1)
+        if hasattr(big, "q_norm"):  # whole heads: the same RMS norm over the same dims
+            q_big, k_big, q_small, k_small = big.q_norm(q_big), big.k_norm(k_big), small.q_norm(q_small), small.k_norm(k_small)
+        q_big, k_big = apply_rotary_pos_emb(q_big, k_big, cos, sin)
+        q_small, k_small = apply_rotary_pos_emb(q_small, k_small, cos_s, sin_s)
+        torch.testing.assert_close(q_small, q_big, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(k_small, k_big, rtol=1e-5, atol=1e-5)
+        writes = torch.zeros_like(big.o_proj.weight)
+        writes[:, index_sets(config, selection, 1)["o"]] = 1
+        big.o_proj.weight.mul_(writes)  # only the kept heads write
+        expected = big(x_full, position_embeddings=(cos, sin), attention_mask=None)[0][..., selection.res]
+        got = small(x_side, position_embeddings=(cos_s, sin_s), attention_mask=None)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(DECODERS))
+@pytest.mark.parametrize("layers, head_size", [(None, "reduced"), ([0, 3], "reduced"), (None, "full")])
+def test_cached_generation_equals_step_by_step_decoding(name, layers, head_size):
+    model = make(name)
+    side = with_side(model, layers=layers, head_size=head_size)
     torch.manual_seed(3)
     for p in side.parameters():  # a side network that changes the predictions
         p.data.add_(torch.randn_like(p) * 0.2)

@@ -5,7 +5,8 @@ Two families share all the code paths:
 - decoders (Llama, Mistral, Qwen2, Qwen3): pre-norm layers with RoPE, a final RMSNorm, grouped KV heads;
 - encoders (BERT, RoBERTa): post-norm layers with learned positions, no final norm.
 The side network is built from the backbone's own layer class at width d/r, with the same number of heads
-(head size divided by r), as in the paper.
+(head size divided by r), as in the paper; or, for decoders, with whole heads of the backbone's size, r times
+fewer (``head_size="full"``: attention kernels built for such heads, and the backbone's RoPE unchanged).
 """
 
 from __future__ import annotations
@@ -97,7 +98,22 @@ def final_norm_of(model):
     return getattr(model.base_model, "norm", None)
 
 
-def check(config, reduction: int, layer_ids: list[int]) -> None:
+def full_heads(config, reduction: int) -> tuple[int, int]:
+    """(query heads, KV heads) of a side layer with whole heads: r times fewer query heads, from as many KV
+    groups as keep r times fewer (at least one), so each kept group contributes the same number of its heads."""
+    heads, groups = config.num_attention_heads, kv_heads(config)
+    side_heads, side_groups = heads // reduction, max(1, groups // reduction)
+    return side_heads, side_groups
+
+
+def _whole_heads_fit(config, reduction: int) -> bool:
+    side_heads, side_groups = full_heads(config, reduction)
+    per_group = config.num_attention_heads // kv_heads(config)
+    return (side_heads >= 1 and side_heads % side_groups == 0 and side_heads // side_groups <= per_group
+            and intermediate_size(config) >= reduction)
+
+
+def check(config, reduction: int, layer_ids: list[int], head_size: str = "reduced") -> None:
     """One clear error for a backbone LST cannot reduce by ``reduction`` (before any weight is loaded)."""
     kind = family(getattr(config, "model_type", None))
     if kind == "decoder":
@@ -106,27 +122,40 @@ def check(config, reduction: int, layer_ids: list[int]) -> None:
             raise ConfigError("lst: this model uses sliding-window attention layers; the side network's KV cache "
                               "does not implement the window yet. Use a full-attention checkpoint/config")
     d, hd = config.hidden_size, head_dim(config)
-    # Decoders rotate (dim, dim + head/2) pairs, so a side head needs an even size.
-    need = 2 if kind == "decoder" else 1
-    ok = [r for r in range(2, hd + 1) if d % r == 0 and hd % r == 0 and (hd // r) % need == 0
-          and intermediate_size(config) >= r]
+    if head_size == "full":
+        if kind != "decoder":
+            raise ConfigError("lst_head_size=full needs an attention whose head size is set apart from the hidden "
+                              "size (Llama-family decoders); encoders keep every head, at head size / r")
+        ok = [r for r in range(2, d + 1) if d % r == 0 and _whole_heads_fit(config, r)]
+        what = f"{config.num_attention_heads} heads on {kv_heads(config)} KV heads, hidden {d}: whole heads"
+    else:
+        # Decoders rotate (dim, dim + head/2) pairs, so a side head needs an even size.
+        need = 2 if kind == "decoder" else 1
+        ok = [r for r in range(2, hd + 1) if d % r == 0 and hd % r == 0 and (hd // r) % need == 0
+              and intermediate_size(config) >= r]
+        what = f"hidden {d}, head size {hd}{', RoPE pairs' if need == 2 else ''}"
     if reduction not in ok:
-        raise ConfigError(f"lst_reduction_factor={reduction} does not divide this model evenly (hidden {d}, head "
-                          f"size {hd}{', RoPE pairs' if need == 2 else ''}); values that work: {ok[:12]}")
+        raise ConfigError(f"lst_reduction_factor={reduction} does not divide this model evenly ({what}); values "
+                          f"that work: {ok[:12]}")
     n = config.num_hidden_layers
     bad = [i for i in layer_ids if not 0 <= i < n]
     if bad:
         raise ConfigError(f"lst_layers: layers {bad} do not exist; the model has layers 0..{n - 1}")
 
 
-def side_config(config, reduction: int):
-    """The backbone's config at width d/r: same layer count, head count and KV groups, head size / r."""
+def side_config(config, reduction: int, head_size: str = "reduced"):
+    """The backbone's config at width d/r: same layer count, head count and KV groups, head size / r; or
+    (``head_size="full"``) whole heads of the backbone's size, r times fewer (full_heads)."""
     side = copy.deepcopy(config)
     side.hidden_size = config.hidden_size // reduction
     side.intermediate_size = config.intermediate_size // reduction
     if family(config.model_type) == "decoder":
-        side.head_dim = head_dim(config) // reduction
-        grouped = config.num_key_value_heads < config.num_attention_heads
+        if head_size == "full":
+            side.head_dim = head_dim(config)
+            side.num_attention_heads, side.num_key_value_heads = full_heads(config, reduction)
+        else:
+            side.head_dim = head_dim(config) // reduction
+        grouped = side.num_key_value_heads < side.num_attention_heads
         if grouped and getattr(config, "_attn_implementation", None) == "sdpa":
             # The float32 side network would reach SDPA with enable_gqa and land on the math kernel (flash needs
             # 16-bit inputs; the memory-efficient kernel takes no GQA before torch 2.14): seq x seq scores per

@@ -26,6 +26,10 @@ class LstArguments:
                 "layer's output; no backpropagation through the backbone."})
     lst_reduction_factor: int = field(default=8, metadata={
         "help": "r: the side network has width d/r, head size head/r (same head count) and MLP width d_ff/r."})
+    lst_head_size: Literal["reduced", "full"] = field(default="reduced", metadata={
+        "help": "reduced: every attention head kept at head size / r (the paper); full (Llama-family decoders): "
+                "whole heads of the backbone's size, r times fewer (the most important KV groups and query heads), "
+                "for attention kernels built for such heads and the backbone's own RoPE."})
     lst_layers: str = field(default="all", metadata={
         "help": "Backbone layers that get a side block (layer dropping): 'all', 'every:K' (every K-th, ending at "
                 "the last layer) or a comma list '3,7,11'."})
@@ -144,8 +148,8 @@ def validate(args, model_args, model_config):
         if fisher and kind == "encoder":
             raise ConfigError("lst_importance=fisher scores weights with the language-modelling loss of a decoder; "
                               "for encoders use lst_importance=magnitude")
-        families.check(model_config, args.lst_reduction_factor, layer_ids(args.lst_layers,
-                                                                          model_config.num_hidden_layers))
+        families.check(model_config, args.lst_reduction_factor,
+                       layer_ids(args.lst_layers, model_config.num_hidden_layers), args.lst_head_size)
     else:
         layer_ids(args.lst_layers, 10 ** 6)  # syntax only
 
@@ -175,7 +179,9 @@ def _check_side_dir(args) -> None:
     if not (directory / WEIGHTS_NAME).is_file() or not (directory / CONFIG_NAME).is_file():
         raise ConfigError(f"lst_side_dir: no {WEIGHTS_NAME} and {CONFIG_NAME} in {args.lst_side_dir!r}")
     saved = json.loads((directory / CONFIG_NAME).read_text())["settings"]
-    flags = {"reduction": ("lst_reduction_factor", args.lst_reduction_factor), "merge": ("lst_merge", args.lst_merge)}
+    saved = {"head_size": "reduced", **saved}  # saved before the flag existed
+    flags = {"reduction": ("lst_reduction_factor", args.lst_reduction_factor), "merge": ("lst_merge", args.lst_merge),
+             "head_size": ("lst_head_size", args.lst_head_size)}
     wrong = [f"{flag}={value!r} (saved: {saved[key]!r})" for key, (flag, value) in flags.items() if saved[key] != value]
     if wrong:
         raise ConfigError(f"lst_side_dir {args.lst_side_dir!r} holds a side network built otherwise: {', '.join(wrong)}")
@@ -186,7 +192,8 @@ def settings_of(args, config):
 
     return SideSettings(reduction=args.lst_reduction_factor, layer_ids=layer_ids(args.lst_layers,
                                                                                   config.num_hidden_layers),
-                        merge=args.lst_merge, temperature=args.lst_gate_temperature, alpha=args.lst_gate_alpha)
+                        merge=args.lst_merge, temperature=args.lst_gate_temperature, alpha=args.lst_gate_alpha,
+                        head_size=args.lst_head_size)
 
 
 @hookimpl

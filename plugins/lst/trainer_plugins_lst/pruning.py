@@ -8,6 +8,9 @@ Pruned init (LST's "fisher-v2"/L1 strategy, made head- and residual-consistent):
   dims and value dims with the largest importance summed over heads and over the kept input columns.
   With RoPE the query/key dims are kept as rotation pairs (j, j + head/2) and the side heads rotate at the
   backbone's frequencies for those pairs, so a pruned head computes what the big head's kept dims compute;
+  or, with whole heads (head_size "full"), it keeps the KV groups with the largest importance (their key and
+  value rows and their query heads') and in each the same number of its most important query heads, whole:
+  a side head is then a backbone head on the kept residual dims, RoPE and all;
 - the MLP keeps the d_ff/r neurons with the largest importance of their input rows and output column.
 Importance is |W| (magnitude, default) or the empirical Fisher sum over calibration batches of (dL/dW)^2.
 """
@@ -33,6 +36,7 @@ class SideSettings:
     merge: str = "add"  # "add" (backbone's last state + side) or "none" (side only, the paper's LST)
     temperature: float = 0.1
     alpha: float = 0.0
+    head_size: str = "reduced"  # "reduced": every head at head size / r (the paper); "full": whole heads, r x fewer
 
 
 def build(model, settings: SideSettings) -> LadderSide:
@@ -40,7 +44,7 @@ def build(model, settings: SideSettings) -> LadderSide:
     config = model.config
     kind = families.family(config.model_type)
     layers = families.layers_of(model)
-    side_config = families.side_config(config, settings.reduction)
+    side_config = families.side_config(config, settings.reduction, settings.head_size)
     d, ds = config.hidden_size, side_config.hidden_size
     rope = getattr(model.base_model, "rotary_emb", None)
     steps = []
@@ -141,7 +145,9 @@ def importance_names(model, layer_ids: list[int]) -> set:
 @dataclass
 class Selection:
     res: torch.Tensor  # kept residual dims (d/r), sorted
-    layers: dict  # backbone layer index -> {"qk_dims", "v_dims", "mlp"} (within-head / neuron indices)
+    # backbone layer index -> {"qk_dims", "v_dims", "mlp"} (within-head / neuron indices), or with whole heads
+    # {"q_heads", "kv_groups", "mlp"} (query heads listed group by group, in the kept groups' order)
+    layers: dict
 
 
 def select(model, settings: SideSettings, importance: Importance = magnitude) -> Selection:
@@ -165,6 +171,11 @@ def select(model, settings: SideSettings, importance: Importance = magnitude) ->
             return importance(f"{prefix}{i}.{key}", params[key])
 
         with whole(layers[i]):
+            mlp = sum(_cols(imp(w), res).sum(1) for w in names["mlp_in"]) + _rows(imp(names["mlp_out"]), res).sum(0)
+            mlp = _top(mlp, config.intermediate_size // r)
+            if settings.head_size == "full":
+                chosen[i] = {**_whole_heads(config, r, imp, names, res), "mlp": mlp}
+                continue
             qk = (_cols(imp(names["q"]), res).sum(1).view(heads, hd).sum(0)
                   + _cols(imp(names["k"]), res).sum(1).view(groups, hd).sum(0))
             if kind == "decoder":  # keep rotation pairs (j, j + hd/2) together
@@ -174,9 +185,22 @@ def select(model, settings: SideSettings, importance: Importance = magnitude) ->
                 qk_dims = _top(qk, hs)
             v = (_cols(imp(names["v"]), res).sum(1).view(groups, hd).sum(0)
                  + _rows(imp(names["o"]), res).sum(0).view(heads, hd).sum(0))
-            mlp = sum(_cols(imp(w), res).sum(1) for w in names["mlp_in"]) + _rows(imp(names["mlp_out"]), res).sum(0)
-            chosen[i] = {"qk_dims": qk_dims, "v_dims": _top(v, hs), "mlp": _top(mlp, config.intermediate_size // r)}
+            chosen[i] = {"qk_dims": qk_dims, "v_dims": _top(v, hs), "mlp": mlp}
     return Selection(res=res, layers=chosen)
+
+
+def _whole_heads(config, r: int, imp, names: dict, res: torch.Tensor) -> dict:
+    """The KV groups and query heads a whole-head side layer keeps (families.full_heads says how many)."""
+    hd = families.head_dim(config)
+    heads, groups = config.num_attention_heads, families.kv_heads(config)
+    side_heads, side_groups = families.full_heads(config, r)
+    per_group = heads // groups
+    query = (_cols(imp(names["q"]), res).sum(1).view(heads, hd).sum(1)
+             + _rows(imp(names["o"]), res).sum(0).view(heads, hd).sum(1))
+    kv = (_cols(imp(names["k"]), res).sum(1) + _cols(imp(names["v"]), res).sum(1)).view(groups, hd).sum(1)
+    kept = _top(kv + query.view(groups, per_group).sum(1), side_groups)
+    q_heads = [g * per_group + _top(query.view(groups, per_group)[g], side_heads // side_groups) for g in kept.tolist()]
+    return {"q_heads": torch.cat(q_heads), "kv_groups": kept}
 
 
 def index_sets(config, selection: Selection, layer: int) -> dict[str, torch.Tensor]:
@@ -187,6 +211,15 @@ def index_sets(config, selection: Selection, layer: int) -> dict[str, torch.Tens
 
     def per_head(n, dims):
         return torch.cat([h * hd + dims for h in range(n)])
+
+    if "q_heads" in chosen:  # whole heads: every dim of the kept ones
+        every = torch.arange(hd)
+
+        def rows_of(kept):
+            return torch.cat([h * hd + every for h in kept.tolist()])
+
+        q, kv = rows_of(chosen["q_heads"]), rows_of(chosen["kv_groups"])
+        return {"res": selection.res, "q": q, "k": kv, "v": kv, "o": q, "qk_dims": every, "mlp": chosen["mlp"]}
 
     return {"res": selection.res, "q": per_head(heads, chosen["qk_dims"]), "k": per_head(groups, chosen["qk_dims"]),
             "v": per_head(groups, chosen["v_dims"]), "o": per_head(heads, chosen["v_dims"]),
