@@ -127,26 +127,34 @@ def test_side_at_full_width_with_closed_gates_reproduces_the_backbone(name):
     assert cached.shape == (2, 11)
 
 
+def pruned_attention_pair(model, settings):
+    """Layer 1's attention in the backbone and in a pruned side (settings.layer_ids == [1]), an input on the kept
+    residual dims for each (side width, and zero-filled backbone width), and each one's RoPE (cos, sin)."""
+    from trainer_plugins_lst.side import rotary
+
+    side = build(model, settings)
+    selection = select(model, settings)
+    init_pruned(model, side, selection)
+    torch.manual_seed(3)
+    x_side = torch.randn(1, 7, 64 // settings.reduction)
+    x_full = torch.zeros(1, 7, 64)
+    x_full[..., selection.res] = x_side
+    positions = torch.arange(7)[None]
+    big, small = model.base_model.layers[1].self_attn, side.steps[0].block.self_attn
+    rope = model.base_model.rotary_emb(x_full, positions)
+    side_rope = rotary(side.steps[0].inv_freq, positions, 1.0, torch.float32)
+    return side, selection, (big, x_full, rope), (small, x_side, side_rope)
+
+
 @pytest.mark.parametrize("name", sorted(DECODERS))
 def test_pruned_heads_rotate_like_the_backbone_heads_kept_dims(name):
     """The side's queries/keys after RoPE equal the backbone's for the kept pairs (input on the kept dims)."""
     model = make(name)
     config = model.config
-    settings = SideSettings(reduction=4, layer_ids=[1])
-    side = build(model, settings)
-    selection = select(model, settings)
-    init_pruned(model, side, selection)
+    side, selection, (big, x_full, (cos, sin)), (small, x_side, (cos_s, sin_s)) = pruned_attention_pair(
+        model, SideSettings(reduction=4, layer_ids=[1]))
     sets = index_sets(config, selection, 1)
     hd, hs = families.head_dim(config), families.head_dim(config) // 4
-    x_side = torch.randn(1, 7, 16)
-    x_full = torch.zeros(1, 7, 64)
-    x_full[..., selection.res] = x_side
-    positions = torch.arange(7)[None]
-    big, small = model.base_model.layers[1].self_attn, side.steps[0].block.self_attn
-    cos, sin = model.base_model.rotary_emb(x_full, positions)
-    from trainer_plugins_lst.side import rotary
-
-    cos_s, sin_s = rotary(side.steps[0].inv_freq, positions, 1.0, torch.float32)
 
     def heads(t, n, d):
         return t.view(1, 7, n, d).transpose(1, 2)
@@ -171,26 +179,14 @@ def test_whole_heads_are_backbone_heads_on_the_kept_dims(name):
     """lst_head_size=full: a side head is a kept backbone head, whole. On an input that lives on the kept residual
     dims its queries and keys after RoPE (the backbone's own frequencies) equal the backbone's for those heads,
     and the side attention's output is the backbone attention's with only the kept heads writing, on those dims."""
-    from trainer_plugins_lst.side import rotary
-
     model = make(name)
     config = model.config
-    settings = SideSettings(reduction=2, layer_ids=[1], head_size="full")
-    side = build(model, settings)
-    selection = select(model, settings)
-    init_pruned(model, side, selection)
+    side, selection, (big, x_full, (cos, sin)), (small, x_side, (cos_s, sin_s)) = pruned_attention_pair(
+        model, SideSettings(reduction=2, layer_ids=[1], head_size="full"))
     kept = selection.layers[1]
     assert families.full_heads(config, 2) == (2, 1) and len(kept["q_heads"]) == 2 and len(kept["kv_groups"]) == 1
     assert set(kept["q_heads"].tolist()) <= {2 * g + j for g in kept["kv_groups"].tolist() for j in (0, 1)}
     hd = families.head_dim(config)
-    torch.manual_seed(3)
-    x_side = torch.randn(1, 7, 32)
-    x_full = torch.zeros(1, 7, 64)
-    x_full[..., selection.res] = x_side
-    positions = torch.arange(7)[None]
-    big, small = model.base_model.layers[1].self_attn, side.steps[0].block.self_attn
-    cos, sin = model.base_model.rotary_emb(x_full, positions)
-    cos_s, sin_s = rotary(side.steps[0].inv_freq, positions, 1.0, torch.float32)
     assert torch.equal(side.steps[0].inv_freq, model.base_model.rotary_emb.inv_freq)
 
     def heads(t, n):
