@@ -196,10 +196,10 @@ def _whole_heads(config, r: int, imp, names: dict, res: torch.Tensor) -> dict:
     side_heads, side_groups = families.full_heads(config, r)
     per_group = heads // groups
     query = (_cols(imp(names["q"]), res).sum(1).view(heads, hd).sum(1)
-             + _rows(imp(names["o"]), res).sum(0).view(heads, hd).sum(1))
+             + _rows(imp(names["o"]), res).sum(0).view(heads, hd).sum(1)).view(groups, per_group)
     kv = (_cols(imp(names["k"]), res).sum(1) + _cols(imp(names["v"]), res).sum(1)).view(groups, hd).sum(1)
-    kept = _top(kv + query.view(groups, per_group).sum(1), side_groups)
-    q_heads = [g * per_group + _top(query.view(groups, per_group)[g], side_heads // side_groups) for g in kept.tolist()]
+    kept = _top(kv + query.sum(1), side_groups)
+    q_heads = [g * per_group + _top(query[g], side_heads // side_groups) for g in kept.tolist()]
     return {"q_heads": torch.cat(q_heads), "kv_groups": kept}
 
 
