@@ -130,5 +130,13 @@ def test_gpu_summary_measures_the_leftover_offset_from_repeated_cases(tmp_path):
 def test_every_gpu_session_method_exists():
     """A typo in the prepared GPU run would cost a case of a session that has minutes of device time."""
     session = benchmark_script("gpu_session")
-    named = {m for _, _, _, group in session.groups("1b", "7b") for m in group}
+    groups = session.groups("1b", "7b")
+    named = {m for name, _, _, group in groups if name not in session.SCRIPTS for m in group}
     assert named and not named - set(methods())
+    # the diagnostics' cases too, and their arguments parse
+    diagnostics = benchmark_script("gpu_diagnostics")
+    for name, shape, _, arguments in groups:
+        if session.SCRIPTS.get(name, [""])[0] == "gpu_diagnostics.py":
+            ns = diagnostics.build_parser().parse_args([session.SCRIPTS[name][1], *arguments, "--shape", shape,
+                                                        "--out", "x.json"])
+            assert not {ns.method, *ns.methods} - set(methods())

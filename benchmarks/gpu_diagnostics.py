@@ -1,0 +1,171 @@
+"""Two GPU diagnostics for the bars the bench alone cannot explain, each written as JSON:
+
+- ``memory``: what is alive at the peak of one training step of a bench case (CUDA allocator history,
+  replayed to its maximum, the live blocks grouped by the Python lines that allocated them), next to the
+  peak `trainer-plugins estimate` predicts. For estimate misses (issue 8: peft QLoRA with checkpointing
+  on the GQA 1B shape, 0.86).
+- ``profile``: the kernels of one optimizer step (torch.profiler): wall time, GPU time, kernel count and
+  the top kernels, for several bench cases. For APOLLO-Mini's step against fused AdamW (issue 3).
+
+    python benchmarks/gpu_diagnostics.py memory --shape 1b --method qlora-peft --out $OUT/memory.json
+    python benchmarks/gpu_diagnostics.py profile --shape 1b --methods adamw apollo-mini --out $OUT/profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from trainer_plugins import bench
+
+
+def _case(name: str, shape: dict, device: str, dtype: torch.dtype, warmup: int = 2):
+    method = bench.methods()[name]
+    torch.manual_seed(0)
+    model = bench.prepared_model(method, shape, device, dtype)
+    model.train()
+    optimizer = (method.optimizer or bench.adamw_over_trainable)(model, 1e-4)
+    tokens = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"]), device=device)
+
+    def forward_backward():
+        model(input_ids=tokens, labels=tokens).loss.backward()
+
+    for _ in range(warmup):
+        forward_backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    _sync()
+    return method, model, optimizer, forward_backward
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _where(frames, depth: int = 4) -> str:
+    """The innermost ``depth`` Python lines outside torch's own machinery: who asked for the block."""
+    lines = []
+    for f in frames:
+        name = f.get("filename", "")
+        if not name or "torch/" in name and ("/autograd/" in name or "/utils/" in name or "/nn/modules/module.py" in name):
+            continue
+        short = "/".join(Path(name).parts[-2:])
+        lines.append(f"{short}:{f.get('line')} {f.get('name')}")
+        if len(lines) == depth:
+            break
+    return " <- ".join(lines) or "(no Python frame)"
+
+
+def peak_live_blocks(trace: list[dict]) -> tuple[int, list[tuple[int, str]]]:
+    """Replay an allocator trace: the highest sum of blocks allocated during it, and those alive then."""
+    live, total, best, best_at = {}, 0, 0, -1
+    for i, event in enumerate(trace):
+        if event["action"] == "alloc":
+            live[event["addr"]] = event["size"]
+            total += event["size"]
+        elif event["action"] == "free_completed" and event["addr"] in live:
+            total -= live.pop(event["addr"])
+        if total > best:
+            best, best_at = total, i
+    alive = {}
+    for event in trace[:best_at + 1]:
+        if event["action"] == "alloc":
+            alive[event["addr"]] = event
+        elif event["action"] == "free_completed":
+            alive.pop(event["addr"], None)
+    return best, [(e["size"], _where(e.get("frames", []))) for e in alive.values()]
+
+
+def memory(ns, shape, dtype) -> dict:
+    method, model, optimizer, forward_backward = _case(ns.method, shape, "cuda", dtype)
+    resting = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.memory._record_memory_history(stacks="python", max_entries=500_000)
+    forward_backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    snapshot = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    peak = torch.cuda.max_memory_allocated()
+    above_rest, blocks = peak_live_blocks(snapshot["device_traces"][0])
+    groups = defaultdict(lambda: [0, 0])
+    for size, where in blocks:
+        groups[where][0] += size
+        groups[where][1] += 1
+    top = sorted(groups.items(), key=lambda kv: -kv[1][0])[: ns.top]
+    estimate = bench.estimate_case(method, shape, dtype, device="cuda")
+    return {
+        "method": ns.method, "peak_gib": round(peak / 2**30, 3), "resting_gib": round(resting / 2**30, 3),
+        "step_adds_gib": round(above_rest / 2**30, 3), "estimate_gib": round(estimate / 2**30, 3),
+        "alive_at_peak": [{"gib": round(b / 2**30, 4), "blocks": n, "where": w} for w, (b, n) in top],
+    }
+
+
+def profile(ns, shape, dtype) -> dict:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    out = {}
+    for name in ns.methods:
+        _, model, optimizer, forward_backward = _case(name, shape, ns.device, dtype)
+        walls = []
+        for _ in range(3):  # the wall time of the step alone, gradients in place
+            forward_backward()
+            _sync()
+            start = time.perf_counter()
+            optimizer.step()
+            _sync()
+            walls.append(time.perf_counter() - start)
+            optimizer.zero_grad(set_to_none=True)
+        forward_backward()
+        _sync()
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            optimizer.step()
+            _sync()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        gpu_us = sum(e.device_time for e in kernels)  # microseconds
+        table = prof.key_averages().table(sort_by="device_time_total", row_limit=ns.top, max_name_column_width=70)
+        out[name] = {"step_wall_ms": round(1e3 * sorted(walls)[1], 3), "gpu_kernel_ms": round(gpu_us / 1e3, 3),
+                     "kernels": len(kernels), "table": table.splitlines()}
+        print(name, json.dumps({k: v for k, v in out[name].items() if k != "table"}), flush=True)
+        print(table, flush=True)
+        del model, optimizer, forward_backward
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("what", choices=["memory", "profile"])
+    p.add_argument("--shape", default="1b", choices=sorted(bench.SHAPES))
+    p.add_argument("--method", default="qlora-peft", help="memory: the bench case")
+    p.add_argument("--methods", nargs="+", default=["adamw", "apollo-mini"], help="profile: the bench cases")
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--device", default="cuda", help="profile: cpu to try it without a GPU")
+    p.add_argument("--out", type=Path, required=True)
+    return p
+
+
+def main(argv=None) -> int:
+    ns = build_parser().parse_args(argv)
+    shape = bench.SHAPES[ns.shape]
+    dtype = torch.bfloat16 if ns.device.startswith("cuda") else torch.float32
+    result = (memory if ns.what == "memory" else profile)(ns, shape, dtype)
+    report = {"device": torch.cuda.get_device_name(0) if ns.device.startswith("cuda") else "cpu", "torch": torch.__version__, "shape": ns.shape,
+              "what": ns.what, "result": result}
+    ns.out.parent.mkdir(parents=True, exist_ok=True)
+    ns.out.write_text(json.dumps(report, indent=2))
+    if ns.what == "memory":
+        print(json.dumps(result, indent=1), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
