@@ -6,15 +6,23 @@
   on the GQA 1B shape, 0.86).
 - ``profile``: the kernels of one optimizer step (torch.profiler): wall time, GPU time, kernel count and
   the top kernels, for several bench cases. For APOLLO-Mini's step against fused AdamW (issue 3).
+- ``step-profile``: whole training steps under the profiler: wall time against the time the GPU was busy,
+  kernel and operator counts, the top operators by GPU and by CPU time (optionally a Chrome trace). For
+  LST's step on 7B (issue 6), which costs far more than its FLOPs.
+- ``timing``: step times of several cases in interleaved rounds, to see the spread of a bench median.
 
     python benchmarks/gpu_diagnostics.py memory --shape 1b --method qlora-peft --out $OUT/memory.json
     python benchmarks/gpu_diagnostics.py profile --shape 1b --methods adamw apollo-mini --out $OUT/profile.json
+    python benchmarks/gpu_diagnostics.py step-profile --shape 7b --methods lst --trace --out $OUT/lst-7b.json
+    python benchmarks/gpu_diagnostics.py timing --shape 1b --methods adamw apollo-mini --out $OUT/timing.json
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
+import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -143,21 +151,111 @@ def profile(ns, shape, dtype) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["memory", "profile"])
+    p.add_argument("what", choices=["memory", "profile", "step-profile", "timing"])
     p.add_argument("--shape", default="1b", choices=sorted(bench.SHAPES))
     p.add_argument("--method", default="qlora-peft", help="memory: the bench case")
     p.add_argument("--methods", nargs="+", default=["adamw", "apollo-mini"], help="profile: the bench cases")
     p.add_argument("--top", type=int, default=25)
-    p.add_argument("--device", default="cuda", help="profile: cpu to try it without a GPU")
+    p.add_argument("--device", default="cuda", help="profile, step-profile, timing: cpu to try them without a GPU")
+    p.add_argument("--trace", action="store_true", help="step-profile: also a gzipped Chrome trace per case")
+    p.add_argument("--rounds", type=int, default=3, help="timing: interleaved rounds")
+    p.add_argument("--steps", type=int, default=10, help="timing: timed steps per case and round")
     p.add_argument("--out", type=Path, required=True)
     return p
+
+
+def _gpu_busy_ms(kernels) -> float:
+    """Time at least one kernel ran (the union of their intervals): what the GPU did of the wall time."""
+    busy, end = 0.0, None
+    for start, stop in sorted((e.time_range.start, e.time_range.end) for e in kernels):
+        if end is None or start > end:
+            busy, end = busy + stop - start, stop
+        elif stop > end:
+            busy, end = busy + stop - end, stop
+    return busy / 1e3
+
+
+def step_profile(ns, shape, dtype) -> dict:
+    """Whole training steps (forward, backward, optimizer step) under the profiler: where the time goes."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    out = {}
+    for name in ns.methods:
+        method, model, optimizer, _ = _case(name, shape, ns.device, dtype)
+        tokens = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"]), device=ns.device)
+        autocast = torch.autocast(torch.device(ns.device).type, dtype=dtype, enabled=method.autocast)
+
+        def step():
+            with autocast:
+                loss = model(input_ids=tokens, labels=tokens).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        walls = []
+        for _ in range(3):
+            _sync()
+            start = time.perf_counter()
+            step()
+            _sync()
+            walls.append(time.perf_counter() - start)
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            _sync()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        top_level = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU and e.cpu_parent is None]
+        by_gpu = prof.key_averages().table(sort_by="self_device_time_total", row_limit=ns.top, max_name_column_width=60)
+        by_cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=ns.top, max_name_column_width=60)
+        out[name] = {"step_wall_ms": round(1e3 * sorted(walls)[1], 2), "gpu_busy_ms": round(_gpu_busy_ms(kernels), 2),
+                     "kernels": len(kernels), "top_level_ops": len(top_level),
+                     "by_gpu_time": by_gpu.splitlines(), "by_cpu_time": by_cpu.splitlines()}
+        if ns.trace:
+            ns.out.parent.mkdir(parents=True, exist_ok=True)
+            path = ns.out.with_name(f"{ns.out.stem}-{name}.trace.json")
+            prof.export_chrome_trace(str(path))
+            with open(path, "rb") as raw, gzip.open(f"{path}.gz", "wb") as packed:
+                packed.write(raw.read())
+            path.unlink()
+        print(name, json.dumps({k: v for k, v in out[name].items() if not k.startswith("by_")}), flush=True)
+        print(by_gpu, flush=True)
+        print(by_cpu, flush=True)
+        model = optimizer = None  # the step closure holds them too
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return out
+
+
+def timing(ns, shape, dtype) -> dict:
+    """Step times of several cases in interleaved rounds (each round builds each case afresh and times
+    ``--steps`` steps): the spread between rounds says how far one bench median can be trusted."""
+    rounds = {name: [] for name in ns.methods}
+    for _ in range(ns.rounds):
+        for name in ns.methods:
+            method, model, optimizer, forward_backward = _case(name, shape, ns.device, dtype)
+            times = []
+            for _ in range(ns.steps):
+                start = time.perf_counter()
+                forward_backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                _sync()
+                times.append(time.perf_counter() - start)
+            rounds[name].append(round(statistics.median(times), 5))
+            del model, optimizer, forward_backward
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        print(json.dumps(rounds), flush=True)
+    first = ns.methods[0]
+    return {"median_step_s": rounds, "vs_" + first: {
+        name: round(statistics.median(v) / statistics.median(rounds[first]), 3) for name, v in rounds.items()}}
 
 
 def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
     shape = bench.SHAPES[ns.shape]
     dtype = torch.bfloat16 if ns.device.startswith("cuda") else torch.float32
-    result = (memory if ns.what == "memory" else profile)(ns, shape, dtype)
+    result = {"memory": memory, "profile": profile, "step-profile": step_profile, "timing": timing}[ns.what](
+        ns, shape, dtype)
     report = {"device": torch.cuda.get_device_name(0) if ns.device.startswith("cuda") else "cpu", "torch": torch.__version__, "shape": ns.shape,
               "what": ns.what, "result": result}
     ns.out.parent.mkdir(parents=True, exist_ok=True)
