@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--device", default="cuda", help="profile, step-profile, timing: cpu to try them without a GPU")
     p.add_argument("--trace", action="store_true", help="step-profile: also a gzipped Chrome trace per case")
+    p.add_argument("--tf32", action="store_true", help="float32 matmuls on TF32 tensor cores (allow_tf32)")
     p.add_argument("--rounds", type=int, default=3, help="timing: interleaved rounds")
     p.add_argument("--steps", type=int, default=10, help="timing: timed steps per case and round")
     p.add_argument("--out", type=Path, required=True)
@@ -253,10 +254,12 @@ def timing(ns, shape, dtype) -> dict:
 def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
     shape = bench.SHAPES[ns.shape]
+    if ns.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     dtype = torch.bfloat16 if ns.device.startswith("cuda") else torch.float32
     result = {"memory": memory, "profile": profile, "step-profile": step_profile, "timing": timing}[ns.what](
         ns, shape, dtype)
-    report = {"device": torch.cuda.get_device_name(0) if ns.device.startswith("cuda") else "cpu", "torch": torch.__version__, "shape": ns.shape,
+    report = {"device": torch.cuda.get_device_name(0) if ns.device.startswith("cuda") else "cpu", "tf32": ns.tf32, "torch": torch.__version__, "shape": ns.shape,
               "what": ns.what, "result": result}
     ns.out.parent.mkdir(parents=True, exist_ok=True)
     ns.out.write_text(json.dumps(report, indent=2))
