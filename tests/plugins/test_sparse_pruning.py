@@ -22,11 +22,12 @@ def keep(sparsity):
     return lambda numel: keep_count(numel, sparsity)
 
 
-def test_global_magnitude_keeps_exactly_the_largest():
+@pytest.mark.parametrize("digit_bits", [None, 8, 11, 16])  # radix digit widths: the same selection
+def test_global_magnitude_keeps_exactly_the_largest(digit_bits):
     params = weights((16, 24), (40, 8), (5, 7))
     before = torch.cat([p.detach().abs().view(-1) for p in params])
     n_keep = keep_count(before.numel(), 0.37)
-    pruner(params).prune(keep(0.37))
+    pruner(params, digit_bits=digit_bits).prune(keep(0.37))
     after = torch.cat([p.detach().view(-1) for p in params])
     assert int((after != 0).sum()) == n_keep
     assert torch.equal((after != 0), before >= before.topk(n_keep).values.min())
@@ -41,13 +42,18 @@ def test_layer_scope_prunes_each_weight_to_the_fraction():
         assert live.min() >= p.detach().abs()[p == 0].max()  # zeros were the smallest
 
 
-def test_ties_at_the_threshold_are_broken_by_position_to_the_exact_count():
+@pytest.mark.parametrize("digit_bits", [None, 8, 11])
+def test_ties_at_the_threshold_are_broken_by_position_to_the_exact_count(digit_bits):
     p = torch.nn.Parameter(torch.ones(10, 10, dtype=torch.bfloat16))
     p.data[0, :3] = 2.0
-    pruner([p]).prune(keep(0.55))
+    pruner([p], digit_bits=digit_bits).prune(keep(0.55))
     flat = p.detach().view(-1)
     assert int((flat != 0).sum()) == 45
     assert torch.equal(flat != 0, torch.arange(100) < 45)  # the 2.0s and the first 42 ones
+    # across weights: ties are kept in the weights' order
+    a, b = (torch.nn.Parameter(torch.ones(4, 5)) for _ in range(2))
+    pruner([a, b], digit_bits=digit_bits).prune(keep(0.7))  # keep 12 of 40 equal weights
+    assert int((a != 0).sum()) == 12 and int((b != 0).sum()) == 0
 
 
 def test_masks_only_shrink_and_random_scores_are_seeded():

@@ -6,8 +6,9 @@ fused AdamW on the decoder layers' linear weights pruned globally by magnitude:
   per-step overhead.
 - ``sparse-prune-every-step``: the same, plus a prune event at the end of every step (after zero_grad, where
   the plugin prunes), each 1% sparser than the last, so each really selects and zeroes, optimizer moments
-  included. Against ``sparse-50``: the cost of one prune event. Its workspace (two 65536-bin histograms and
-  one weight's scores at a time) is not in the training estimate: about 1 MiB plus one weight's size.
+  included. Against ``sparse-50``: the cost of one prune event. Its workspace (a 257-bin histogram per weight
+  and one weight's scores at a time) is not in the training estimate: under 1 MiB plus a few times one
+  weight's size.
 """
 
 from trainer_plugins.bench import BenchMethod, adamw_over_trainable, decoder_linear_weights

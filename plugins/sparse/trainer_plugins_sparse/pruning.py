@@ -7,11 +7,12 @@ APOLLO all keep it at 0: zero gradient and zero state give a zero update. No mas
 (1 byte per weight saved), and a checkpoint's weights carry the masks, so resume is exact.
 
 Selection is exact: the ``n_keep`` highest scores survive, ties at the threshold broken by position.
-The threshold comes from a two-pass radix select over the float32 bit patterns of the scores
-(non-negative floats sort like their bits): a 65536-bin histogram of the top 16 bits, then of the low
-16 bits inside the chosen bin. Only one weight's scores exist at a time, and under ZeRO-3 each rank
-scores the slices it holds and the histograms are summed across ranks: a distributed k-th value
-without gathering any weight.
+The threshold comes from a radix select over the float32 bit patterns of the scores (non-negative
+floats sort like their bits): a few passes, each a histogram of the next digit (11 or 16 bits) among
+the scores that share the digits chosen so far. Only one weight's scores exist at a time, and under
+ZeRO-3 each rank scores the slices it holds and the histograms are summed across ranks: a distributed
+k-th value without gathering any weight. A prune event syncs with the host a fixed number of times,
+not per weight.
 """
 
 from __future__ import annotations
@@ -20,9 +21,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-
-BINS = 1 << 16
-
 
 class Comm:
     """Sums across the ranks that hold slices of the pruned weights; a no-op when they are all local."""
@@ -83,17 +81,18 @@ class Pruner:
     score:  'magnitude' (|w|) or 'random' (uniform scores on the live weights: the ablation).
     n_m:    (n, m): the n largest of every m consecutive weights along a row are never pruned (2:4).
     after:  called on every rank after each ``prune`` (ZeRO-3 refreshes the weights it keeps whole).
+    digit_bits: bits per pass of the threshold's radix select (None: by device, see ``_threshold``).
     """
 
     def __init__(self, targets: Sequence[Target], scope: str = "global", score: str = "magnitude",
                  n_m: tuple[int, int] | None = None, seed: int = 0, comm: Comm | None = None,
-                 after: Callable[[], None] | None = None):
+                 after: Callable[[], None] | None = None, digit_bits: int | None = None):
         if scope not in ("global", "layer"):
             raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
         if score not in ("magnitude", "random"):
             raise ValueError(f"score must be 'magnitude' or 'random', got {score!r}")
         self.targets, self.scope, self.score, self.n_m, self.seed = list(targets), scope, score, n_m, seed
-        self.comm, self.after = comm or Comm(), after
+        self.comm, self.after, self.digit_bits = comm or Comm(), after, digit_bits
         self.total = sum(t.numel for t in self.targets)
         if n_m is not None:
             for t in self.targets:
@@ -146,52 +145,73 @@ class Pruner:
     def _prune_group(self, members: list[int], n_keep: int, event: int) -> int:
         device = self.targets[members[0]].local.device
         if n_keep == 0:
-            threshold, ties_kept_before, ties_to_keep = None, 0, 0
+            threshold, quotas = None, [0] * len(members)
         else:
-            hist = torch.zeros(BINS, dtype=torch.int64, device=device)
-            for i in members:
-                hist += torch.bincount(_bits(self._scores(i, event)) >> 16, minlength=BINS).to(device)
-            high, above = _bucket(self.comm.all_reduce(hist), n_keep)
-            local = torch.zeros(BINS, dtype=torch.int64, device=device)
-            for i in members:
-                bits = _bits(self._scores(i, event))
-                local += torch.bincount(bits[(bits >> 16) == high] & 0xFFFF, minlength=BINS).to(device)
-            low_hist = self.comm.all_reduce(local.clone())
-            low, above_low = _bucket(low_hist, n_keep - above)
-            threshold = (high << 16) | low
-            ties_to_keep = n_keep - above - above_low
-            ties_kept_before = self.comm.ranks_before(int(local[low]), device)
-        quota = max(0, ties_to_keep - ties_kept_before)
-        pruned = 0
-        for i in members:
+            threshold, ties = self._threshold(members, n_keep, event)
+            # ties at the threshold are kept in order: ranks first (rank 0's before rank 1's), then members
+            quota = max(0, ties[0] - self.comm.ranks_before(sum(ties[1]), device))
+            quotas = []
+            for count in ties[1]:
+                quotas.append(min(quota, count))
+                quota -= quotas[-1]
+        pruned = []
+        for i, quota in zip(members, quotas):
             target = self.targets[i]
             if threshold is None:
                 keep = torch.zeros_like(target.local, dtype=torch.bool)
             else:
                 bits = _bits(self._scores(i, event))
                 keep = bits > threshold
-                tie = bits == threshold
                 if quota > 0:
+                    tie = bits == threshold
                     keep |= tie & (torch.cumsum(tie, 0) <= quota)
-                quota = max(0, quota - int(tie.sum()))
             drop = ~keep
-            pruned += int((drop & (target.local != 0)).sum())
+            pruned.append((drop & (target.local != 0)).sum())
             with torch.no_grad():
                 target.local.masked_fill_(drop, 0)
                 for tensor, offset in target.copies():
                     tensor.masked_fill_(drop.narrow(0, offset, tensor.numel()).to(tensor.device), 0)
-        return pruned
+        return int(torch.stack(pruned).sum())
+
+    def _threshold(self, members: list[int], n_keep: int, event: int) -> tuple[int, tuple[int, list[int]]]:
+        """The score bits of the ``n_keep``-th highest score of the group, and its ties: how many of them are
+        kept (over all ranks) and how many each member holds on this rank. A radix select over the 31 bits
+        of non-negative float32 scores, ``digit_bits`` per pass: each pass is one histogram per weight (the
+        last bin: scores outside the prefix chosen so far) and one host sync for the whole group. On CUDA,
+        11-bit digits (3 passes): a 2049-bin histogram stays in shared memory, where a 65536-bin one contends
+        on global atomics (the weights share a few exponents: a few hot bins). Elsewhere 16 bits (2 passes)."""
+        device = self.targets[members[0]].local.device
+        width = self.digit_bits or (11 if device.type == "cuda" else 16)
+        bins = 1 << width
+        shifts = list(range(0, 31, width))[::-1]
+        prefix, above = 0, 0
+        for shift in shifts:
+            per_member = []
+            for i in members:
+                bits = _bits(self._scores(i, event))
+                digit = bits >> shift
+                if shift != shifts[0]:  # only the scores under the prefix count, the others go to the last bin
+                    digit = torch.where((digit >> width) == prefix, digit & (bins - 1), bins)
+                per_member.append(torch.bincount(digit, minlength=bins + 1))
+            hist = self.comm.all_reduce(torch.stack(per_member).sum(0)[:bins].to(device))
+            digit_value, above_it = _bucket(hist.tolist(), n_keep - above)
+            prefix, above = (prefix << width) | digit_value, above + above_it
+        mine = torch.stack(per_member)[:, prefix & (bins - 1)].tolist()  # the last pass's bin of the threshold
+        return prefix, (n_keep - above, mine)
 
 
 def _bits(scores: torch.Tensor) -> torch.Tensor:
     return scores.contiguous().view(torch.int32)
 
 
-def _bucket(hist: torch.Tensor, k: int) -> tuple[int, int]:
+def _bucket(hist: list[int], k: int) -> tuple[int, int]:
     """Largest bin b with at least k entries at or above it, and the entries strictly above it."""
-    suffix = hist.flip(0).cumsum(0).flip(0)
-    b = int(torch.nonzero(suffix >= k).max())
-    return b, int(suffix[b + 1]) if b + 1 < len(hist) else 0
+    above = 0
+    for b in range(len(hist) - 1, -1, -1):
+        if above + hist[b] >= k:
+            return b, above
+        above += hist[b]
+    raise ValueError(f"fewer than {k} scores to select from")
 
 
 # -- gradients and optimizer state ------------------------------------------------------------------
