@@ -8,7 +8,7 @@ APOLLO all keep it at 0: zero gradient and zero state give a zero update. No mas
 
 Selection is exact: the ``n_keep`` highest scores survive, ties at the threshold broken by position.
 The threshold comes from a radix select over the float32 bit patterns of the scores (non-negative
-floats sort like their bits): a few passes, each a histogram of the next digit (11 or 16 bits) among
+floats sort like their bits): three passes, each a histogram of the next 11-bit digit among
 the scores that share the digits chosen so far. Only one weight's scores exist at a time, and under
 ZeRO-3 each rank scores the slices it holds and the histograms are summed across ranks: a distributed
 k-th value without gathering any weight. A prune event syncs with the host a fixed number of times,
@@ -81,7 +81,7 @@ class Pruner:
     score:  'magnitude' (|w|) or 'random' (uniform scores on the live weights: the ablation).
     n_m:    (n, m): the n largest of every m consecutive weights along a row are never pruned (2:4).
     after:  called on every rank after each ``prune`` (ZeRO-3 refreshes the weights it keeps whole).
-    digit_bits: bits per pass of the threshold's radix select (None: by device, see ``_threshold``).
+    digit_bits: bits per pass of the threshold's radix select (None: 11, see ``_threshold``).
     """
 
     def __init__(self, targets: Sequence[Target], scope: str = "global", score: str = "magnitude",
@@ -176,12 +176,12 @@ class Pruner:
     def _threshold(self, members: list[int], n_keep: int, event: int) -> tuple[int, tuple[int, list[int]]]:
         """The score bits of the ``n_keep``-th highest score of the group, and its ties: how many of them are
         kept (over all ranks) and how many each member holds on this rank. A radix select over the 31 bits
-        of non-negative float32 scores, ``digit_bits`` per pass: each pass is one histogram per weight (the
-        last bin: scores outside the prefix chosen so far) and one host sync for the whole group. On CUDA,
-        11-bit digits (3 passes): a 2049-bin histogram stays in shared memory, where a 65536-bin one contends
-        on global atomics (the weights share a few exponents: a few hot bins). Elsewhere 16 bits (2 passes)."""
+        of non-negative float32 scores, ``digit_bits`` (11) per pass: each pass is one histogram per weight
+        (the last bin: scores outside the prefix chosen so far) and one host sync for the whole group. A
+        2049-bin histogram stays in a GPU's shared memory, where a 65536-bin one contends on global atomics
+        (the weights share a few exponents: a few hot bins), and all of a group's fit in a few MiB."""
         device = self.targets[members[0]].local.device
-        width = self.digit_bits or (11 if device.type == "cuda" else 16)
+        width = self.digit_bits or 11
         bins = 1 << width
         shifts = list(range(0, 31, width))[::-1]
         prefix, above = 0, 0
