@@ -16,6 +16,9 @@ Where the meta device cannot follow the GPU, the run substitutes what the GPU do
   one (flash / memory-efficient SDPA) keeps q, k, v, the output and a float32 log-sum-exp per query; where
   none applies (float32 inputs with grouped-query heads before torch 2.14: flash needs 16-bit inputs and
   the memory-efficient kernel took no GQA until pytorch#191085) the math kernel keeps the seq x seq scores;
+- temporaries a kernel allocates and frees inside itself, which a dispatch mode does not see (it sees the
+  operators' outputs): the math kernel's softmax runs as its composite code through the tracker; CUDA's
+  softmax backward's ``grad * output`` is added next to its output (``kernel_scratch``);
 - bitsandbytes 4-bit linears: packed uint8 weights + quantisation statistics, a dequantised weight alive
   during each matmul (forward, and backward when the input needs a gradient), as bitsandbytes' MatMul4Bit;
 - fused optimizers run as their single-tensor form (same state; per-tensor temporaries);
@@ -78,10 +81,18 @@ class MemoryTracker(TorchDispatchMode):
             # A value read on the host (.item(), a Python `if` on a tensor) has no data on meta: it reads as
             # 1, so code that branches on values (norm limiters, all-ones mask checks) takes one branch.
             return True if args[0].dtype == torch.bool else 1
-        out = func(*args, **(kwargs or {}))
+        scratch = kernel_scratch(func, args, kwargs or {})
+        for t in scratch:  # alive next to the outputs, as inside the kernel
+            self._track(t.untyped_storage())
+        if func in _RUN_AS_COMPOSITE:
+            with self:  # the kernel's own operators come through this mode: its temporaries are counted
+                out = func._op_dk(torch._C.DispatchKey.CompositeExplicitAutograd, *args, **(kwargs or {}))
+        else:
+            out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self._track(t.untyped_storage())
+        del scratch  # the kernel frees it before it returns
         return out
 
     def _track(self, storage) -> None:
@@ -100,6 +111,30 @@ class MemoryTracker(TorchDispatchMode):
 
 
 # -- what the meta device does differently from a GPU ------------------------------------------------------
+# Operators whose kernel is torch's composite code on every device (CompositeExplicitAutograd) and allocates
+# temporaries a dispatch mode does not see (it sees an operator's outputs): the tracker runs that code itself,
+# its operators included (so the installed torch's version of that code is what is counted). _safe_softmax:
+# SDPA's math kernel's softmax (attention.cpp): next to the scores, the softmax, a boolean -inf mask of the
+# scores' size and the fully-masked rows (before pytorch#139612 also a second scores-sized tensor from where()).
+_RUN_AS_COMPOSITE = frozenset(op.default for op in (getattr(torch.ops.aten, "_safe_softmax", None),) if op)  # torch >= 2.5
+
+
+def kernel_scratch(func, args, kwargs) -> list:
+    """Meta tensors for what the CUDA kernel of ``func`` allocates and frees inside itself, alive when its
+    outputs are allocated: a dispatch mode sees an operator's outputs only, and the meta kernels allocate no
+    temporaries (nothing for real tensors: their kernels allocate for themselves)."""
+    if not args or not isinstance(args[0], torch.Tensor) or not args[0].is_meta or _simulated_device[0] != "cuda":
+        return []
+    if func is torch.ops.aten._softmax_backward_data.default:
+        # CUDA's softmax backward (SoftMax.cu, softmax_backward_cuda_out) computes tmp = grad * output before its
+        # reduction kernel: a second gradient-sized tensor next to grad_input (the CPU kernel has none). With
+        # SDPA's math kernel that is one more seq x seq scores tensor at its backward.
+        grad, output = args[0], args[1]
+        return [grad.new_empty(torch.broadcast_shapes(grad.shape, output.shape),
+                               dtype=torch.result_type(grad, output))]
+    return []
+
+
 class _FusedAttention(torch.autograd.Function):
     """Memory of a fused attention kernel: keeps q, k, v, the output and the float32 log-sum-exp."""
 
