@@ -132,6 +132,8 @@ def test_every_gpu_session_method_exists():
     """A typo in the prepared GPU run would cost a case of a session that has minutes of device time."""
     session = benchmark_script("gpu_session")
     groups = session.groups("1b", "7b")
+    labels = [f"{name}-{shape}-{layers}" for name, shape, layers, _ in groups]
+    assert len(labels) == len(set(labels)), "two groups share a label: the second would replace the first"
     named = {m for name, _, _, group in groups if name not in session.SCRIPTS for m in group}
     assert named and not named - set(methods())
     # the diagnostics' cases too, and their arguments parse
