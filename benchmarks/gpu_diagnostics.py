@@ -39,9 +39,13 @@ def _case(name: str, shape: dict, device: str, dtype: torch.dtype, warmup: int =
     model.train()
     optimizer = (method.optimizer or bench.adamw_over_trainable)(model, 1e-4)
     tokens = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"]), device=device)
+    # as the bench runs the case: the forward under autocast where the method asks for it
+    autocast = torch.autocast(torch.device(device).type, dtype=dtype, enabled=method.autocast and dtype != torch.float32)
 
     def forward_backward():
-        model(input_ids=tokens, labels=tokens).loss.backward()
+        with autocast:
+            loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
 
     for _ in range(warmup):
         forward_backward()
@@ -182,14 +186,10 @@ def step_profile(ns, shape, dtype) -> dict:
 
     out = {}
     for name in ns.methods:
-        method, model, optimizer, _ = _case(name, shape, ns.device, dtype)
-        tokens = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"]), device=ns.device)
-        autocast = torch.autocast(torch.device(ns.device).type, dtype=dtype, enabled=method.autocast)
+        _, _, optimizer, forward_backward = _case(name, shape, ns.device, dtype)
 
         def step():
-            with autocast:
-                loss = model(input_ids=tokens, labels=tokens).loss
-            loss.backward()
+            forward_backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -220,7 +220,7 @@ def step_profile(ns, shape, dtype) -> dict:
         print(name, json.dumps({k: v for k, v in out[name].items() if not k.startswith("by_")}), flush=True)
         print(by_gpu, flush=True)
         print(by_cpu, flush=True)
-        model = optimizer = None  # the step closure holds them too
+        optimizer = forward_backward = None  # the step closure holds them too
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return out
