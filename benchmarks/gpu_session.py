@@ -29,15 +29,17 @@ def groups(small: str, large: str, largest: str = "13b") -> list[tuple[str, str,
         # what changed since the 2026-11-28 session first, trimmed to what the open bars still need: the sparse
         # prune event (issue 4: 5.3 steps measured, the host syncs per weight removed since), LoRAM 50% on 7B
         # and 13B (issue 5's last missing cases), APOLLO-Mini's 7B step against AdamW in interleaved rounds
-        # (issue 3). Issue 6 (LST 7B throughput, launch-bound) waits for a compiled side network: add its cases
-        # to the lst-7b group and a step-profile group when it exists
+        # (issue 3), LST's 7B throughput with the rungs and backbone layers compiled (issue 6: launch-bound, 0.94x
+        # full FT eager; compilation falls in the warm-up steps) and where its step time goes
         ("sparse", small, None, ["adamw", "sparse-50", "sparse-prune-every-step"]),  # issue 4
         ("loram", large, None, ["lora", "loram-50"]),  # issue 5
         ("loram", largest, None, ["lora", "loram-50"]),
         ("timing", large, None, ["--methods", "adamw", "apollo-mini", "--rounds", "2", "--steps", "6"]),  # issue 3
+        ("lst", large, None, ["adamw", "lst", "lst-compile", "lst-full-heads-autocast-compile"]),  # issue 6's bar
+        ("step-profile", large, None, ["--methods", "lst-compile", "lst-full-heads-autocast-compile"]),
         # then the rest, again, on this session's versions
-        ("lst", large, None, ["adamw", "lst", "lst-every-2-autocast"]),  # issue 6's bar: 7B
-        ("lst", small, None, ["adamw", "lora-r16", "lst", "lst-autocast", "lst-full-heads-autocast"]),
+        ("lst", small, None, ["adamw", "lora-r16", "lst", "lst-compile", "lst-torch-compile", "lst-autocast",
+                              "lst-full-heads-autocast", "lst-4bit-autocast-compile"]),
         ("apollo", small, None, ["adamw", "sgd", "apollo-torch-mini", "apollo-mini", "apollo-mini-embeddings",
                                  "apollo-mini-layerwise", "sgd-checkpointing",
                                  "apollo-mini-layerwise-embeddings-checkpointing"]),

@@ -55,12 +55,15 @@ class BenchMethod:
     pruning, 4-bit; default: none); ``optimizer(model, lr)`` builds the optimizer (default: fused AdamW
     over the trainable parameters). ``autocast``: forward and loss under torch.autocast to the bench's
     16-bit dtype, as the Trainer runs with ``bf16: true`` (matters where trainable weights are float32); the
-    estimate replays autocast's casts on the meta device."""
+    estimate replays autocast's casts on the meta device. ``compiled``: the step runs torch.compile'd code, whose
+    fused kernels can drop temporaries that eager code allocates; its estimate is eager's, an upper bound, and the
+    report says so (``"estimate": "eager"``)."""
 
     prepare: Optional[Callable] = None
     optimizer: Optional[Callable] = None
     description: str = ""
     autocast: bool = False
+    compiled: bool = False
 
 
 def adamw_over_trainable(model, lr):
@@ -182,6 +185,10 @@ def build_model(shape: dict, device: str, dtype: torch.dtype):
 
 def prepared_model(method: BenchMethod, shape: dict, device: str, dtype: torch.dtype):
     """The shape's random-weight Llama on ``device`` (``"meta"``: shapes only), changed by the method's ``prepare``."""
+    if method.compiled and device != "meta":
+        # graphs an earlier case compiled (another shape or method, same code) would make this one's dynamic
+        # (dynamo's automatic dynamic shapes) or, past its recompile limit, leave it eager: start afresh
+        torch._dynamo.reset()
     model = build_model(shape, device, dtype)
     return method.prepare(model) if method.prepare is not None else model
 
@@ -251,6 +258,7 @@ def run_case(name: str, method: BenchMethod, shape: dict, device: str, dtype: to
         "activation_gib": round((last_peak - before_last) / 2**30, 3),
         "estimate_gib": round(estimate / 2**30, 3),
         "estimate_vs_peak": round(estimate / peak, 3),
+        **({"estimate": "eager"} if method.compiled else {}),
         "param_gib": round(param_bytes / 2**30, 3),
         "median_step_s": round(step, 5),
         "tokens_per_s": round(shape["batch"] * shape["seq"] / step, 1),

@@ -180,6 +180,7 @@ def recipe(model_dir, out, model=None, **train):
     ({"gradient_checkpointing": True}, "keeps no backbone activations"),
     ({"lst_side_dir": "/nonexistent"}, "no lst_side.safetensors and lst_config.json"),
     ({"meft": "meft1"}, "meft"),
+    ({"lst_compile": True, "torch_compile": True}, "torch_compile the whole model .* set one of them"),
 ])
 def test_bad_flags_are_refused_before_loading(model_dir, tmp_path, flags, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -196,6 +197,8 @@ def test_refusals_that_need_the_model_config_or_setup(model_dir, tmp_path, deeps
     zero3 = str(ROOT / "recipes" / "deepspeed" / "zero3.json")
     with pytest.raises(ConfigError, match="fisher runs a backward pass"):
         load_recipe(recipe(model_dir, tmp_path, lst_importance="fisher", deepspeed=zero3))
+    with pytest.raises(ConfigError, match="lst_compile under ZeRO-3"):
+        load_recipe(recipe(model_dir, tmp_path, lst_compile=True, deepspeed=zero3))
     no_gather = tmp_path / "zero3-no-gather.json"
     config = json.loads(open(zero3).read())
     config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False

@@ -1,12 +1,15 @@
 """LST's methods for `trainer-plugins bench`: a frozen (optionally NF4) backbone and a float32 side network of
 width d/8 on every layer, or every 2nd (random init: memory and speed do not depend on the values); the
 ``-autocast`` ones run it as the recipes do with ``bf16: true`` (bf16 matmuls over the float32 side weights);
-``-full-heads`` ones keep whole heads of the backbone's size, r times fewer (lst_head_size full)."""
+``-full-heads`` ones keep whole heads of the backbone's size, r times fewer (lst_head_size full); ``-compile`` ones
+train as with lst_compile (the rungs and the backbone layers compiled layer by layer), ``-torch-compile`` ones as
+with the Trainer's torch_compile (the whole model as one graph). Compilation happens in the warm-up steps; the
+estimates (meta device) stay the eager ones."""
 
 from trainer_plugins.bench import BenchMethod, nf4
 
 
-def _lst(reduction=8, four_bit=False, layers="all", head_size="reduced"):
+def _lst(reduction=8, four_bit=False, layers="all", head_size="reduced", compile=False, whole_model_compile=False):
     def prepare(model):
         from . import families
         from .plugin import layer_ids
@@ -24,7 +27,11 @@ def _lst(reduction=8, four_bit=False, layers="all", head_size="reduced"):
         side.to(device)
         if device.type != "meta":  # estimates run on the meta device: shapes only
             init_random(model, side)
-        attach(model, side, families.layers_of(model))
+        attach(model, side, families.layers_of(model), compile=compile)
+        if whole_model_compile and device.type != "meta":
+            import torch
+
+            return torch.compile(model)  # what the Trainer's accelerator does with torch_compile
         return model
 
     return prepare
@@ -44,4 +51,15 @@ METHODS = {
                                   description="LST r8 with whole heads, r times fewer (lst_head_size full)"),
     "lst-full-heads-autocast": BenchMethod(prepare=_lst(head_size="full"), autocast=True,
                                            description="LST r8 with whole heads (lst_head_size full), bf16 autocast"),
+    # launch overhead: layer-by-layer graphs (lst_compile), or the whole model as one graph (torch_compile)
+    "lst-compile": BenchMethod(prepare=_lst(compile=True), compiled=True, description="LST r8, compiled layer by layer (lst_compile)"),
+    "lst-4bit-autocast-compile": BenchMethod(prepare=_lst(four_bit=True, compile=True), autocast=True, compiled=True,
+                                             description="LST r8, NF4 backbone, bf16 autocast, lst_compile"),
+    "lst-full-heads-autocast-compile": BenchMethod(prepare=_lst(head_size="full", compile=True), autocast=True, compiled=True,
+                                                   description="LST r8 with whole heads, bf16 autocast, lst_compile"),
+    "lst-torch-compile": BenchMethod(prepare=_lst(whole_model_compile=True), compiled=True,
+                                     description="LST r8, the whole model compiled (torch_compile)"),
+    "lst-full-heads-autocast-torch-compile": BenchMethod(
+        prepare=_lst(head_size="full", whole_model_compile=True), autocast=True, compiled=True,
+        description="LST r8 with whole heads, bf16 autocast, the whole model compiled (torch_compile)"),
 }

@@ -53,6 +53,12 @@ class LstArguments:
                 "'none', or comma-separated module names."})
     lst_side_dir: str = field(default="", metadata={
         "help": "Start from a saved side network (a directory with lst_side.safetensors) instead of initialising one."})
+    lst_compile: bool = field(default=False, metadata={
+        "help": "torch.compile the training steps layer by layer: every side rung (downsample, gate, side layer; "
+                "forward and backward) as one graph and every backbone layer's forward as another, each graph "
+                "shared by all layers (compile time does not grow with depth). Cuts the launch overhead of the side "
+                "network's many small ops; training steps keep no KV cache; evaluation and generation run eagerly. "
+                "torch_compile instead compiles the whole model as one graph (set one of the two)."})
 
 
 @hookimpl
@@ -126,6 +132,8 @@ def validate(args, model_args, model_config):
                           "checkpointing would only re-run the frozen backbone. Set activation_checkpointing false")
     if args.lst_side_dir:
         _check_side_dir(args)
+    if args.lst_compile:
+        _check_compile(args)
     fisher = args.lst_init == "pruned" and args.lst_importance == "fisher" and not args.lst_side_dir
     four_bit = getattr(model_args, "load_in_4bit", False)
     if fisher and four_bit:
@@ -136,6 +144,11 @@ def validate(args, model_args, model_config):
         raise ConfigError("lst: this process sees several GPUs, so the Trainer would use torch.nn.DataParallel, whose "
                           "replicas share the side network's per-forward state. Launch one process per GPU "
                           "(torchrun / accelerate launch) or set CUDA_VISIBLE_DEVICES to one GPU")
+    if args.lst_compile and stage == 3:
+        raise ConfigError("lst_compile under ZeRO-3 is not supported: DeepSpeed gathers each partitioned weight with "
+                          "hooks around its submodule, inside the layers lst_compile compiles, which torch.compile "
+                          "would have to trace or break its graphs at. Use ZeRO-2, DDP or one GPU, or leave "
+                          "lst_compile off")
     if fisher and stage == 3:
         raise ConfigError("lst_importance=fisher runs a backward pass through the whole backbone before training, "
                           "which ZeRO-3's partitioned weights do not allow: use lst_importance=magnitude")
@@ -152,6 +165,16 @@ def validate(args, model_args, model_config):
                        layer_ids(args.lst_layers, model_config.num_hidden_layers), args.lst_head_size)
     else:
         layer_ids(args.lst_layers, 10 ** 6)  # syntax only
+
+
+def _check_compile(args) -> None:
+    import torch._dynamo
+
+    if getattr(args, "torch_compile", False):
+        raise ConfigError("lst_compile compiles the backbone's layers and the side network's rungs layer by layer, "
+                          "torch_compile the whole model (side network included) as one graph: set one of them")
+    if not torch._dynamo.is_dynamo_supported():
+        raise ConfigError("lst_compile needs torch.compile, which this Python/platform does not support")
 
 
 def _data_parallel(args) -> bool:
@@ -256,7 +279,7 @@ def prepare_model(model, args):
                            "lst_importance=magnitude)"))
             init_pruned(model, side, selection or select(model, settings, magnitude))
     model.__dict__.pop("_lst_selection", None)
-    attach(model, side, families.layers_of(model))
+    attach(model, side, families.layers_of(model), compile=args.lst_compile)
     head = head_modules(model, args.lst_train_head)
     for name in head:
         model.get_submodule(name).requires_grad_(True)

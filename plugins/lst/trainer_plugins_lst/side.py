@@ -18,10 +18,18 @@ activations; backpropagation runs through the side network, the ladders and the 
 The side layers' attention reuses the mask (and KV cache) the backbone built for the same layer; their KV
 entries live in the same cache object at layer index ``n_backbone_layers + k``, so beam search and cache
 cropping treat both networks alike.
+
+``attach(..., compile=True)`` (the flag lst_compile) cuts the per-step launch and dispatch overhead of the many
+small side-layer ops: every rung (downsample + gate + side layer) runs as one torch.compile graph, forward and
+backward, and every backbone layer's forward as another; both graphs are shared by all layers, since their
+code and tensor shapes are the same and nothing per-layer is read in them. That holds for steps that
+backpropagate (grad enabled): those keep no KV cache (nothing reads it, and each layer's cache slot would
+specialise the graphs per layer). Evaluation and generation, with their caches and changing lengths, run eagerly.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import torch
@@ -109,6 +117,8 @@ class LadderSide(nn.Module):
         self.record: dict = {}  # how it was built and initialised (saved with it)
         self._stream: Optional[torch.Tensor] = None
         self._handles: list = []
+        self._compiled_step = None  # torch.compile(_run_step) when attached with compile=True
+        self._compiled_layers: list = []  # (backbone layer, its own instance forward or None): compile_layers
 
     # -- hooks on the backbone's layers ----------------------------------------------------------------
     def _start(self, module, args, kwargs):
@@ -125,7 +135,7 @@ class LadderSide(nn.Module):
             if index is not None:
                 _, rest, kw = _hidden_of(args, kwargs)
                 _ensure_cache_layers(_cache_of(kw), self.n_backbone_layers + len(self.steps))
-                self._stream = self.steps[index](self._stream, hidden, rest, kw)
+                self._stream = self._step(index, hidden, rest, kw)
             if not last:
                 return None
             merged = self.output(self._stream, hidden)
@@ -134,9 +144,16 @@ class LadderSide(nn.Module):
 
         return hook
 
+    def _step(self, index: int, backbone: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        step = self.steps[index]
+        if self._compiled_step is not None and torch.is_grad_enabled():
+            return self._compiled_step(step, self._stream, backbone, args, _without_cache(kwargs))
+        return step(self._stream, backbone, args, kwargs)
 
-def attach(model, side: LadderSide, layers) -> None:
-    """Put ``side`` on ``model`` (as ``model.lst_side``) and hook it onto the backbone ``layers``."""
+
+def attach(model, side: LadderSide, layers, compile: bool = False) -> None:
+    """Put ``side`` on ``model`` (as ``model.lst_side``) and hook it onto the backbone ``layers``; with
+    ``compile``, training steps run the rungs and the backbone layers compiled (see the module's docstring)."""
     detach(model)
     side.train(model.training)
     model.add_module("lst_side", side)
@@ -145,6 +162,36 @@ def attach(model, side: LadderSide, layers) -> None:
     rungs = {layer: k for k, layer in enumerate(side.layer_ids)}
     for i in sorted(set(rungs) | {last}):
         side._handles.append(layers[i].register_forward_hook(side._rung(rungs.get(i), i == last), with_kwargs=True))
+    if compile and side.first.weight.device.type != "meta":  # estimates (meta device) follow eager tensors
+        side._compiled_step = torch.compile(_run_step)
+        compile_layers(side, layers)
+
+
+def compile_layers(side: LadderSide, layers) -> None:
+    """Replace each backbone layer's ``forward`` (hooks stay outside, eager) by one that runs compiled in steps
+    that backpropagate; ``detach`` restores them."""
+    for layer in layers:
+        # a forward set on the instance (accelerate's device hooks) is wrapped, and put back by detach
+        side._compiled_layers.append((layer, layer.__dict__.get("forward")))
+        layer.forward = _compiled_when_training(layer.forward)
+
+
+def _compiled_when_training(forward):
+    compiled = torch.compile(forward)
+
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return compiled(*args, **_without_cache(kwargs))
+
+    return run
+
+
+def _run_step(step: SideStep, stream, backbone, args, kwargs):
+    """What one rung computes, as a plain function: torch.compile keys its graphs by code, so this one graph
+    (and its guards) serves every SideStep alike."""
+    return step(stream, backbone, args, kwargs)
 
 
 def detach(model) -> Optional[LadderSide]:
@@ -155,6 +202,13 @@ def detach(model) -> Optional[LadderSide]:
     for handle in side._handles:
         handle.remove()
     side._handles.clear()
+    for layer, own in side._compiled_layers:
+        if own is None:
+            del layer.forward  # the class's forward again
+        else:
+            layer.forward = own
+    side._compiled_layers.clear()
+    side._compiled_step = None
     del model.lst_side
     return side
 
@@ -184,6 +238,11 @@ def _positions(kwargs: dict, stream: torch.Tensor) -> torch.Tensor:
         positions = kwargs.get("cache_position")  # transformers versions that pass this instead
         positions = positions[None] if positions is not None else torch.arange(stream.shape[1], device=stream.device)[None]
     return positions
+
+
+def _without_cache(kwargs: dict) -> dict:
+    """A layer's keyword arguments without the KV cache, under either name (see _cache_of)."""
+    return {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
 
 
 def _cache_of(kwargs: dict):

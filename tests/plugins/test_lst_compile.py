@@ -1,0 +1,152 @@
+"""Compiled LST training: with lst_compile the training steps run every side rung and every backbone layer as a
+torch.compile graph shared by all layers, with the losses, gradients (side network only, gates included) and
+weights of eager training and a fraction of its dispatched ops; the Trainer's own torch_compile (the whole model
+as one graph) trains like eager too; bench estimates of compiled cases stay the eager ones."""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from transformers import LlamaForCausalLM
+
+from trainer_plugins import PluginTrainer, PluginTrainingArguments
+from trainer_plugins.bench import SHAPES, estimate_case, prepared_model
+from trainer_plugins.models import tiny_llama_config
+from trainer_plugins_lst import families, load, side_of
+from trainer_plugins_lst.bench import METHODS
+from trainer_plugins_lst.pruning import SideSettings, build, init_random
+from trainer_plugins_lst.side import attach, detach
+from helpers import losses, save_tiny_llama
+
+# test_lst.py's shape and batches (4 x 32 tokens): the Trainer test below reuses the graphs the first test compiles
+SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+IDS = torch.tensor([[(5 * s + 3 * k) % 1000 for k in range(32)] for s in range(4)])
+COMMON = dict(per_device_train_batch_size=4, logging_steps=1, report_to=[], use_cpu=True, seed=0, learning_rate=1e-2,
+              save_strategy="no", disable_tqdm=True, max_steps=4, lst=True, lst_reduction_factor=4)
+
+
+def cycles():
+    return [{"input_ids": [(s + k) % 16 for k in range(32)], "labels": [(s + k) % 16 for k in range(32)]}
+            for s in range(16)]
+
+
+def lst_model(compile: bool):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(**SHAPE))
+    model.requires_grad_(False)
+    # merge none and an open gate: every side weight, the gates included, gets a real gradient
+    side = build(model, SideSettings(reduction=4, layer_ids=list(range(4)), merge="none", alpha=0.3))
+    torch.manual_seed(1)
+    init_random(model, side)
+    attach(model, side, families.layers_of(model), compile=compile)
+    return model.train()
+
+
+def top_level_aten_ops(run) -> int:
+    """Operators ``run()`` sends through the dispatcher (on a GPU, each that computes is a kernel launch), not
+    counting the ones other operators call."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+
+    def nested(event):
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        return parent is not None
+
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and not nested(e))
+
+
+def test_compiled_steps_equal_eager_steps_with_far_fewer_ops():
+    torch._dynamo.reset()  # count this test's graphs from scratch
+    before = dict(counters["stats"])
+    models = {mode: lst_model(compile=mode == "compiled") for mode in ("eager", "compiled")}
+    optimizers = {mode: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+                  for mode, m in models.items()}
+    history = {mode: [] for mode in models}
+    for step in range(3):
+        grads = {}
+        for mode, model in models.items():
+            loss = model(input_ids=IDS, labels=IDS).loss
+            loss.backward()
+            history[mode].append(loss.item())
+            grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            optimizers[mode].step()
+            optimizers[mode].zero_grad(set_to_none=True)
+        assert set(grads["compiled"]) == set(grads["eager"]) == {
+            n for n, p in models["eager"].named_parameters() if p.requires_grad}
+        assert all(n.startswith("lst_side.") for n in grads["compiled"])
+        assert "lst_side.steps.3.alpha" in grads["compiled"]  # the gates get gradients too
+        for name, grad in grads["eager"].items():
+            torch.testing.assert_close(grads["compiled"][name], grad, rtol=1e-4, atol=1e-6)
+    assert history["compiled"] == pytest.approx(history["eager"], rel=1e-6)
+    for (name, a), b in zip(models["eager"].named_parameters(), models["compiled"].parameters()):
+        # Adam turns the last-bit differences of near-zero gradients into up to ~3e-6 (0.03% of an lr 1e-2 step)
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5, msg=name)
+    # one graph for the rungs and one for the backbone layers, shared by all 4 layers: no per-layer recompile
+    new_graphs = counters["stats"]["unique_graphs"] - before.get("unique_graphs", 0)
+    assert new_graphs == 2 and not counters["graph_break"]
+
+    def forward_backward(model):
+        return lambda: model(input_ids=IDS, labels=IDS).loss.backward()
+
+    ops = {mode: top_level_aten_ops(forward_backward(model)) for mode, model in models.items()}
+    assert ops["compiled"] < ops["eager"] / 3, ops
+
+    # evaluation and generation run eagerly (with their KV cache), and detach puts the backbone layers back
+    model = models["compiled"].eval()
+    with torch.no_grad():
+        cached = model.generate(IDS[:1, :8], max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert cached.shape == (1, 12)
+    detach(model)
+    assert not any("forward" in vars(layer) for layer in families.layers_of(model))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("lst-compile"), **SHAPE)
+
+
+@pytest.fixture(scope="module")
+def eager_losses(model_dir, tmp_path_factory):
+    trainer = trainer_for(model_dir, tmp_path_factory.mktemp("eager"))
+    trainer.train()
+    return losses(trainer)
+
+
+def trainer_for(model_dir, out, **kw):
+    args = PluginTrainingArguments(output_dir=str(out), **{**COMMON, **kw})
+    return PluginTrainer(model=LlamaForCausalLM.from_pretrained(model_dir), args=args, train_dataset=cycles())
+
+
+def test_lst_compile_in_the_trainer_trains_saves_and_reloads_like_eager(model_dir, eager_losses, tmp_path):
+    trainer = trainer_for(model_dir, tmp_path, lst_compile=True)
+    assert side_of(trainer.model)._compiled_step is not None
+    trainer.train()
+    assert losses(trainer) == pytest.approx(eager_losses, rel=1e-5)
+    trainer.save_model()
+    ids = IDS[:1]
+    trainer.model.eval()
+    with torch.no_grad():
+        trained = trainer.model(input_ids=ids).logits
+        reloaded = load(LlamaForCausalLM.from_pretrained(model_dir), tmp_path)(input_ids=ids).logits
+    torch.testing.assert_close(reloaded, trained, rtol=0, atol=0)  # the side network saves and loads as before
+
+
+def test_the_trainers_torch_compile_trains_the_whole_model_like_eager(model_dir, eager_losses, tmp_path):
+    """torch_compile: the Trainer compiles the whole model, the side network's hooks included, as one graph
+    (aot_eager here: the tracing and the autograd graph, without the slow CPU code generation)."""
+    before = dict(counters["stats"])
+    trainer = trainer_for(model_dir, tmp_path, torch_compile=True, torch_compile_backend="aot_eager")
+    trainer.train()
+    assert losses(trainer) == pytest.approx(eager_losses, rel=1e-5)
+    assert counters["stats"]["unique_graphs"] - before.get("unique_graphs", 0) == 1 and not counters["graph_break"]
+    assert all(n.startswith("lst_side.") for n, p in trainer.model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", ["lst-compile", "lst-torch-compile"])
+def test_estimates_of_compiled_bench_cases_are_the_eager_estimates(name):
+    shape = SHAPES["tiny"]
+    assert estimate_case(METHODS[name], shape, torch.float32, "cpu") == estimate_case(METHODS["lst"], shape,
+                                                                                     torch.float32, "cpu")
+    model = prepared_model(METHODS[name], shape, "meta", torch.float32)
+    assert isinstance(model, LlamaForCausalLM) and side_of(model)._compiled_step is None  # nothing compiled on meta
