@@ -24,11 +24,18 @@ rate; --reuse takes a run whose output directory already holds results.json inst
     python benchmarks/apollo_quality.py --finetune-lrs 3e-4 --reuse --mini-variants \
         "--apollo_scale 256;--apollo_scale 512;--apollo_scale 1024;--apollo_scale 2048;--apollo_scale_front" \
         --out benchmarks/results/apollo_finetune_mini_variants_cpu.json
+
+--seeds repeats every run with other data orders (the recipe's seed, 42, keeps its earlier output folders) and
+compares each Mini run with AdamW at the same rate and seed, and their mean over seeds:
+
+    python benchmarks/apollo_quality.py --finetune-lrs 3e-4 --reuse --variants-only --seeds 42,1,2 \
+        --mini-variants "--apollo_scale 512" --out benchmarks/results/apollo_finetune_seeds_cpu.json
 """
 
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -55,22 +62,54 @@ def runs(finetune_steps):
     }
 
 
-def sweep(finetune_steps, lrs, mini_variants=()):
+RECIPE_SEED = 42  # recipes/quickstart.yaml's
+
+
+def sweep(finetune_steps, lrs, mini_variants=(), seeds=(RECIPE_SEED,), default_mini=True):
     steps = ["--max_steps", str(finetune_steps)] if finetune_steps else []
     tag = f"{finetune_steps}steps" if finetune_steps else "recipe"
     out = {}
-    for lr in lrs:
-        out[f"finetune/adamw@{lr:g}"] = [FINETUNE, "--learning_rate", str(lr), "--output_dir",
-                                         f"outputs/apollo-sweep-{tag}-adamw-{lr:g}", *steps]
-        out[f"finetune/apollo-mini@{lr:g}"] = [FINETUNE, "--apollo", "mini", "--learning_rate", str(lr), "--output_dir",
-                                               f"outputs/apollo-sweep-{tag}-mini-{lr:g}", *steps]
-        for variant in mini_variants:
-            flags = variant.split()
-            slug = "".join(f.removeprefix("--apollo_").replace("_", "-") for f in flags)
-            out[f"finetune/apollo-mini[{variant}]@{lr:g}"] = [
-                FINETUNE, "--apollo", "mini", *flags, "--learning_rate", str(lr), "--output_dir",
-                f"outputs/apollo-sweep-{tag}-mini-{slug}-{lr:g}", *steps]
+    for seed in seeds:
+        # the recipe's seed keeps the names (and output folders) of the runs made before --seeds existed
+        name_tail, dir_tail = ("", "") if seed == RECIPE_SEED else (f"#seed{seed}", f"-seed{seed}")
+        seed_flags = [] if seed == RECIPE_SEED else ["--seed", str(seed)]
+        for lr in lrs:
+            out[f"finetune/adamw@{lr:g}{name_tail}"] = [
+                FINETUNE, "--learning_rate", str(lr), *seed_flags, "--output_dir",
+                f"outputs/apollo-sweep-{tag}-adamw-{lr:g}{dir_tail}", *steps]
+            if default_mini:
+                out[f"finetune/apollo-mini@{lr:g}{name_tail}"] = [
+                    FINETUNE, "--apollo", "mini", "--learning_rate", str(lr), *seed_flags, "--output_dir",
+                    f"outputs/apollo-sweep-{tag}-mini-{lr:g}{dir_tail}", *steps]
+            for variant in mini_variants:
+                flags = variant.split()
+                slug = "".join(f.removeprefix("--apollo_").replace("_", "-") for f in flags)
+                out[f"finetune/apollo-mini[{variant}]@{lr:g}{name_tail}"] = [
+                    FINETUNE, "--apollo", "mini", *flags, "--learning_rate", str(lr), *seed_flags, "--output_dir",
+                    f"outputs/apollo-sweep-{tag}-mini-{slug}-{lr:g}{dir_tail}", *steps]
     return out
+
+
+def seed_summary(loss: dict, seeds) -> dict:
+    """Each Mini run against AdamW at the same rate and seed, and per setting the mean over seeds."""
+    per_run = {}
+    for name, value in loss.items():
+        if name.startswith("finetune/apollo-mini"):
+            adamw = "finetune/adamw@" + name.split("@", 1)[1]
+            per_run[name] = round(value / loss[adamw], 4)
+    settings = {}
+    for name, ratio in per_run.items():
+        settings.setdefault(name.split("#")[0], []).append(ratio)
+    adamw = {}
+    for name, value in loss.items():
+        if name.startswith("finetune/adamw"):
+            adamw.setdefault(name.split("#")[0], []).append(value)
+    return {"seeds": list(seeds), "mini_vs_adamw_same_seed": per_run,
+            "mean_over_seeds": {k: {"mean": round(statistics.mean(v), 4), "min": min(v), "max": max(v), "n": len(v)}
+                                for k, v in settings.items()},
+            "adamw_eval_loss_over_seeds": {k: {"mean": round(statistics.mean(v), 4),
+                                               "stdev": round(statistics.stdev(v), 4) if len(v) > 1 else 0.0}
+                                           for k, v in adamw.items()}}
 
 
 def main():
@@ -81,6 +120,10 @@ def main():
     parser.add_argument("--mini-variants", default="",
                         help="';'-separated APOLLO-Mini flag sets run at each --finetune-lrs rate, e.g. '--apollo_scale 256'")
     parser.add_argument("--reuse", action="store_true", help="don't train runs whose output_dir has results.json")
+    parser.add_argument("--seeds", default=str(RECIPE_SEED),
+                        help="comma-separated seeds (data order): every run at each; the summary compares same-seed pairs")
+    parser.add_argument("--variants-only", action="store_true",
+                        help="with --mini-variants: skip APOLLO-Mini at its default settings")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "apollo_quality_cpu.json"))
     ns = parser.parse_args()
     result = {"device": f"CPU ({platform.processor() or platform.machine()})", "date": time.strftime("%Y-%m-%d"),
@@ -89,7 +132,12 @@ def main():
     variants = [v.strip() for v in ns.mini_variants.split(";") if v.strip()]
     if variants and not lrs:
         parser.error("--mini-variants needs --finetune-lrs")
-    for name, argv in (sweep(ns.finetune_steps, lrs, variants) if lrs else runs(ns.finetune_steps)).items():
+    seeds = [int(x) for x in ns.seeds.split(",")]
+    if seeds != [RECIPE_SEED] and not lrs:
+        parser.error("--seeds needs --finetune-lrs")
+    plan = sweep(ns.finetune_steps, lrs, variants, seeds, default_mini=not ns.variants_only) if lrs else runs(
+        ns.finetune_steps)
+    for name, argv in plan.items():
         results = ROOT / argv[argv.index("--output_dir") + 1] / "results.json"
         if not ns.skip_train and not (ns.reuse and results.exists()):
             subprocess.run([sys.executable, "-m", "trainer_plugins", "train", *argv], cwd=ROOT, check=True)
@@ -98,6 +146,11 @@ def main():
                                 "after": out["after"], "train": out["train"],
                                 "optimizer_state_bytes": (out.get("memory") or {}).get("optimizer_state_bytes")}
     loss = {name: r["after"]["eval_loss"] for name, r in result["runs"].items()}
+    if lrs and len(seeds) > 1:
+        result["summary"] = seed_summary(loss, seeds)
+        print(json.dumps(result["summary"], indent=2))
+        Path(ns.out).write_text(json.dumps(result, indent=2) + "\n")
+        return
     if lrs:
         best = {opt: min((loss[f"finetune/{opt}@{lr:g}"], lr) for lr in lrs) for opt in ("adamw", "apollo-mini")}
         result["summary"] = {"best": {opt: {"eval_loss": v, "learning_rate": lr} for opt, (v, lr) in best.items()},
