@@ -187,7 +187,7 @@ def test_bad_flags_are_refused_before_loading(model_dir, tmp_path, flags, messag
         load_recipe(recipe(model_dir, tmp_path, **flags))
 
 
-def test_refusals_that_need_the_model_config_or_setup(model_dir, tmp_path, deepspeed_env):
+def test_refusals_that_need_the_model_config_or_setup(model_dir, tmp_path, deepspeed_env, monkeypatch):
     gpt2 = tmp_path / "gpt2"
     GPT2Config(n_layer=2, n_embd=32, n_head=2).save_pretrained(gpt2)
     with pytest.raises(ConfigError, match="lst supports the model types"):
@@ -197,6 +197,10 @@ def test_refusals_that_need_the_model_config_or_setup(model_dir, tmp_path, deeps
     zero3 = str(ROOT / "recipes" / "deepspeed" / "zero3.json")
     with pytest.raises(ConfigError, match="fisher runs a backward pass"):
         load_recipe(recipe(model_dir, tmp_path, lst_importance="fisher", deepspeed=zero3))
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "__version__", "2.4.1")
+        with pytest.raises(ConfigError, match=r"lst_compile needs torch >= 2.5 .* this is torch 2.4.1"):
+            load_recipe(recipe(model_dir, tmp_path, lst_compile=True))
     with pytest.raises(ConfigError, match="lst_compile under ZeRO-3"):
         load_recipe(recipe(model_dir, tmp_path, lst_compile=True, deepspeed=zero3))
     no_gather = tmp_path / "zero3-no-gather.json"

@@ -175,6 +175,11 @@ def _check_compile(args) -> None:
                           "torch_compile the whole model (side network included) as one graph: set one of them")
     if not torch._dynamo.is_dynamo_supported():
         raise ConfigError("lst_compile needs torch.compile, which this Python/platform does not support")
+    if torch.torch_version.TorchVersion(torch.__version__) < (2, 5):
+        # before 2.5 dynamo guards on each module object (inline_inbuilt_nn_modules off): a graph per layer, and
+        # past its cache limit (8) the rest of the layers would run eagerly without saying so
+        raise ConfigError(f"lst_compile needs torch >= 2.5 (one graph shared by all layers); this is torch "
+                          f"{torch.__version__}. Upgrade torch or leave lst_compile off")
 
 
 def _data_parallel(args) -> bool:
