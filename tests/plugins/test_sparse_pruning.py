@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from trainer_plugins_sparse.pruning import Pruner, Target, mask_gradients, state_like
+from trainer_plugins_sparse.pruning import Comm, Pruner, Target, mask_gradients, state_like
 from trainer_plugins_sparse.schedule import keep_count
 
 
@@ -31,6 +31,37 @@ def test_global_magnitude_keeps_exactly_the_largest(digit_bits):
     after = torch.cat([p.detach().view(-1) for p in params])
     assert int((after != 0).sum()) == n_keep
     assert torch.equal((after != 0), before >= before.topk(n_keep).values.min())
+
+
+class CountingComm(Comm):
+    """One process, counting the collectives: one per radix pass, plus one for the live counts."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def all_reduce(self, tensor):
+        self.calls += 1
+        return tensor
+
+
+@pytest.mark.parametrize("digit_bits", [None, 8, 11])
+@pytest.mark.parametrize("dtype, passes", [(torch.float32, {None: 3, 8: 4, 11: 3}),
+                                           (torch.bfloat16, {None: 2, 8: 2, 11: 2}),
+                                           (torch.float16, {None: 2, 8: 3, 11: 2})])
+def test_half_precision_weights_need_fewer_passes_for_the_same_selection(dtype, passes, digit_bits):
+    """bf16/fp16 magnitudes end in zero bits as float32: the select skips them. Ties (frequent in bf16) are kept
+    in the order of the weights and positions, as a stable sort of all scores would."""
+    params = [torch.nn.Parameter(p.detach().to(dtype)) for p in weights((16, 24), (40, 8), (5, 7))]
+    scores = torch.cat([p.detach().abs().float().view(-1) for p in params])
+    n_keep = keep_count(scores.numel(), 0.37)
+    expected = torch.zeros_like(scores, dtype=torch.bool)
+    expected[torch.sort(scores, descending=True, stable=True).indices[:n_keep]] = True
+    comm = CountingComm()
+    pruner(params, digit_bits=digit_bits, comm=comm).prune(keep(0.37))
+    after = torch.cat([p.detach().view(-1) for p in params])
+    assert torch.equal(after != 0, expected)
+    assert comm.calls - 1 == passes[digit_bits]
 
 
 def test_layer_scope_prunes_each_weight_to_the_fraction():

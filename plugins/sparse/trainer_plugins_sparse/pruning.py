@@ -9,7 +9,8 @@ APOLLO all keep it at 0: zero gradient and zero state give a zero update. No mas
 Selection is exact: the ``n_keep`` highest scores survive, ties at the threshold broken by position.
 The threshold comes from a radix select over the float32 bit patterns of the scores (non-negative
 floats sort like their bits): three passes, each a histogram of the next 11-bit digit among
-the scores that share the digits chosen so far. Only one weight's scores exist at a time, and under
+the scores that share the digits chosen so far (two for bf16 or fp16 weights, whose magnitudes end in 16 or 13
+zero bits as float32). Only one weight's scores exist at a time, and under
 ZeRO-3 each rank scores the slices it holds and the histograms are summed across ranks: a distributed
 k-th value without gathering any weight. A prune event syncs with the host a fixed number of times,
 not per weight.
@@ -183,7 +184,8 @@ class Pruner:
         device = self.targets[members[0]].local.device
         width = self.digit_bits or 11
         bins = 1 << width
-        shifts = list(range(0, 31, width))[::-1]
+        low = self._zero_low_bits(members)  # every score's last bits are 0: no pass for them
+        shifts = list(range(low, 31, width))[::-1]
         prefix, above = 0, 0
         for shift in shifts:
             per_member = []
@@ -197,7 +199,19 @@ class Pruner:
             digit_value, above_it = _bucket(hist.tolist(), n_keep - above)
             prefix, above = (prefix << width) | digit_value, above + above_it
         mine = torch.stack(per_member)[:, prefix & (bins - 1)].tolist()  # the last pass's bin of the threshold
-        return prefix, (n_keep - above, mine)
+        return prefix << low, (n_keep - above, mine)
+
+    def _zero_low_bits(self, members: list[int]) -> int:
+        """How many low bits of every member's float32 score are 0 whatever the weights hold: 16 for the
+        magnitudes of bf16 weights, 13 for fp16 ones (their mantissas are 7 and 10 bits of float32's 23; the
+        2:4 marks, inf, end in zeros too). Random scores and float32 weights use all 31 bits. The same on
+        every rank (they hold slices of the same weights), so the passes, each a collective, stay in step."""
+        if self.score != "magnitude":
+            return 0
+        return min(_ZERO_LOW_BITS.get(self.targets[i].local.dtype, 0) for i in members)
+
+
+_ZERO_LOW_BITS = {torch.bfloat16: 16, torch.float16: 13}
 
 
 def _bits(scores: torch.Tensor) -> torch.Tensor:
