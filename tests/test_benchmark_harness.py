@@ -146,3 +146,20 @@ def test_every_gpu_session_method_exists():
             ns = diagnostics.build_parser().parse_args([session.SCRIPTS[name][1], *arguments, "--shape", shape,
                                                         "--out", "x.json"])
             assert not {ns.method, *ns.methods} - set(methods())
+
+
+def test_apollo_quality_seed_runs_and_their_same_seed_summary():
+    quality = benchmark_script("apollo_quality")
+    plan = quality.sweep(None, [3e-4], ["--apollo_scale 512"], seeds=[42, 7], default_mini=False)
+    # the recipe's seed keeps its earlier names and folders; other seeds get their own, with --seed
+    assert list(plan) == ["finetune/adamw@0.0003", "finetune/apollo-mini[--apollo_scale 512]@0.0003",
+                          "finetune/adamw@0.0003#seed7", "finetune/apollo-mini[--apollo_scale 512]@0.0003#seed7"]
+    assert "--seed" not in plan["finetune/adamw@0.0003"]
+    seven = plan["finetune/apollo-mini[--apollo_scale 512]@0.0003#seed7"]
+    assert seven[seven.index("--seed") + 1] == "7" and seven[seven.index("--output_dir") + 1].endswith("-seed7")
+    loss = {"finetune/adamw@0.0003": 2.0, "finetune/apollo-mini[--apollo_scale 512]@0.0003": 2.1,
+            "finetune/adamw@0.0003#seed7": 3.0, "finetune/apollo-mini[--apollo_scale 512]@0.0003#seed7": 2.7}
+    summary = quality.seed_summary(loss, [42, 7])
+    mini = summary["ratio_over_seeds"]["finetune/apollo-mini[--apollo_scale 512]@0.0003"]
+    assert mini["mean"] == pytest.approx((1.05 + 0.9) / 2) and mini["within_2_percent"] == "1 of 2"
+    assert summary["eval_loss_over_seeds"]["finetune/adamw@0.0003"]["mean"] == 2.5
