@@ -4,7 +4,7 @@
 Under ZeRO-3 the model is loaded after the TrainingArguments, so from_pretrained partitions the backbone
 while loading and the pruned init has to gather each layer's weights.
 
-Usage: torchrun --nproc_per_node 2 lst_zero_worker.py STAGE|ddp OUT_DIR MODEL_DIR
+Usage: torchrun --nproc_per_node 2 lst_zero_worker.py STAGE|ddp[-compile] OUT_DIR MODEL_DIR   (-compile: lst_compile)
 """
 
 import importlib
@@ -20,16 +20,19 @@ sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # skip the CPU 
 from transformers import LlamaForCausalLM  # noqa: E402
 
 from trainer_plugins import PluginTrainer, PluginTrainingArguments  # noqa: E402
+from trainer_plugins_lst import side_of  # noqa: E402
 from helpers import exit_worker, losses  # noqa: E402
 from test_lst import COMMON, LST, cycles  # noqa: E402
 
 
 def main(stage: str, out: str, model_dir: str):
+    stage, _, compiled = stage.partition("-")
     ds = None
     if stage != "ddp":
         ds = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_clipping": "auto",
               "zero_optimization": {"stage": int(stage), "stage3_gather_16bit_weights_on_model_save": True}}
-    args = PluginTrainingArguments(output_dir=out, deepspeed=ds, **{**COMMON, **LST, "per_device_train_batch_size": 2})
+    args = PluginTrainingArguments(output_dir=out, deepspeed=ds, **{**COMMON, **LST, "per_device_train_batch_size": 2},
+                                   lst_compile=compiled == "compile")
     if stage == "3":
         from trainer_plugins.models import _init_deepspeed_comm
 
@@ -42,7 +45,8 @@ def main(stage: str, out: str, model_dir: str):
     trainer.save_model()  # ZeRO-3: the side network comes from the gathered state dict
     if trainer.is_world_process_zero():
         with open(out + "/record.json", "w") as f:
-            json.dump({"losses": losses(trainer)}, f)
+            compiled_layers = len(side_of(trainer.model)._compiled_layers)  # backbone layers run compiled
+            json.dump({"losses": losses(trainer), "compiled_layers": compiled_layers}, f)
 
 
 if __name__ == "__main__":

@@ -234,7 +234,7 @@ def test_recipe_with_a_4bit_backbone_and_fisher_importance(recipe_model_dir, tmp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["ddp", 2, 3])
+@pytest.mark.parametrize("stage", ["ddp", 2, 3, "2-compile"])  # 2-compile: ZeRO-2 with lst_compile, eager's losses
 def test_two_processes_equal_one_process_and_save_the_side_network(model_dir, stage, tmp_path):
     plain = trainer_for(model_dir, tmp_path / "plain")
     plain.train()
@@ -244,6 +244,7 @@ def test_two_processes_equal_one_process_and_save_the_side_network(model_dir, st
     assert run.returncode == 0, run.stderr[-3000:]
     record = json.loads((out / "record.json").read_text())
     assert record["losses"] == pytest.approx(losses(plain), rel=1e-5)
+    assert record["compiled_layers"] == (plain.model.config.num_hidden_layers if "compile" in str(stage) else 0)
     ours, reference = load_file(str(out / WEIGHTS_NAME)), load_file(str(tmp_path / "plain" / WEIGHTS_NAME))
     assert ours.keys() == reference.keys()
     for key in ours:
