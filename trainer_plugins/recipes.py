@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -64,13 +65,31 @@ def parser(host=None):
     return PluginArgumentParser((ModelArguments, DataArguments, arguments_class(host), RunArguments))
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with the 1.2 core schema's booleans: only true/false (any case). PyYAML's 1.1 default also reads
+    yes/no/on/off as booleans, so `eval_strategy: no` or `--save_strategy no` reached TrainingArguments as
+    False ("False is not a valid IntervalStrategy"). Boolean flags still accept yes/no/on/off: check_value
+    converts those strings."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_recipe(path: str | os.PathLike) -> dict:
     """The recipe file as one flat dict of keys (sections merged). Raises ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from exc
     flat = flatten(data, source=str(path))
@@ -127,7 +146,7 @@ def parse_overrides(argv: list[str]) -> dict:
             else:
                 value = "true"
         try:
-            out[key.replace("-", "_")] = yaml.safe_load(value) if value != "" else ""
+            out[key.replace("-", "_")] = _load_yaml(value) if value != "" else ""
         except yaml.YAMLError:
             out[key.replace("-", "_")] = value
         i += 1

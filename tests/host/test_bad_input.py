@@ -171,3 +171,21 @@ def test_broken_plugin_enabled(recipe, capsys, install_plugin):
     with pytest.warns(UserWarning, match="plugin 'alpha' is not usable"):
         fails(capsys, ["train", recipe(train={"alpha": True})],
               "plugin 'alpha' is installed but not usable (failed to import tp_alpha: RuntimeError: boom at import)")
+
+
+def test_yaml_reads_only_true_and_false_as_booleans(tmp_path, tiny_model_dir):
+    """`no`, `off`, `yes`, `on` stay words (YAML 1.2), so `eval_strategy: no` means the strategy, not False;
+    boolean flags still take them."""
+    from trainer_plugins.recipes import load_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(textwrap.dedent(f"""
+        model: {{model_name_or_path: {tiny_model_dir}}}
+        data: {{dataset: stdlib, max_train_samples: 8}}
+        train: {{output_dir: {tmp_path / "out"}, max_steps: 1, report_to: [], eval_strategy: no, use_cpu: yes,
+                 disable_tqdm: on, remove_unused_columns: off}}
+    """))
+    args = load_recipe(str(path), ["--save_strategy", "no", "--logging_strategy=no", "--seed", "7"]).args
+    assert (args.eval_strategy, args.save_strategy, args.logging_strategy) == ("no", "no", "no")
+    assert args.use_cpu is True and args.disable_tqdm is True and args.remove_unused_columns is False
+    assert args.seed == 7
