@@ -25,8 +25,8 @@ rate; --reuse takes a run whose output directory already holds results.json inst
         "--apollo_scale 256;--apollo_scale 512;--apollo_scale 1024;--apollo_scale 2048;--apollo_scale_front" \
         --out benchmarks/results/apollo_finetune_mini_variants_cpu.json
 
---seeds repeats every run with other data orders (the recipe's seed, 42, keeps its earlier output folders) and
-compares each Mini run with AdamW at the same rate and seed, and their mean over seeds:
+--seeds repeats every run with other seeds, which draw other training and held-out files and another order (the
+recipe's seed, 42, keeps its earlier output folders), and compares each Mini run with AdamW at the same rate and seed, and their mean over seeds:
 
     python benchmarks/apollo_quality.py --finetune-lrs 3e-4 --reuse --variants-only --seeds 42,1,2 \
         --mini-variants "--apollo_scale 512" --out benchmarks/results/apollo_finetune_seeds_cpu.json
@@ -77,16 +77,14 @@ def sweep(finetune_steps, lrs, mini_variants=(), seeds=(RECIPE_SEED,), default_m
             out[f"finetune/adamw@{lr:g}{name_tail}"] = [
                 FINETUNE, "--learning_rate", str(lr), *seed_flags, "--output_dir",
                 f"outputs/apollo-sweep-{tag}-adamw-{lr:g}{dir_tail}", *steps]
-            if default_mini:
-                out[f"finetune/apollo-mini@{lr:g}{name_tail}"] = [
-                    FINETUNE, "--apollo", "mini", "--learning_rate", str(lr), *seed_flags, "--output_dir",
-                    f"outputs/apollo-sweep-{tag}-mini-{lr:g}{dir_tail}", *steps]
-            for variant in mini_variants:
+            for variant in ([""] if default_mini else []) + list(mini_variants):  # "": Mini's defaults
                 flags = variant.split()
+                label = f"apollo-mini[{variant}]" if variant else "apollo-mini"
                 slug = "".join(f.removeprefix("--apollo_").replace("_", "-") for f in flags)
-                out[f"finetune/apollo-mini[{variant}]@{lr:g}{name_tail}"] = [
+                folder = f"mini-{slug}" if slug else "mini"
+                out[f"finetune/{label}@{lr:g}{name_tail}"] = [
                     FINETUNE, "--apollo", "mini", *flags, "--learning_rate", str(lr), *seed_flags, "--output_dir",
-                    f"outputs/apollo-sweep-{tag}-mini-{slug}-{lr:g}{dir_tail}", *steps]
+                    f"outputs/apollo-sweep-{tag}-{folder}-{lr:g}{dir_tail}", *steps]
     return out
 
 
@@ -122,7 +120,8 @@ def main():
                         help="';'-separated APOLLO-Mini flag sets run at each --finetune-lrs rate, e.g. '--apollo_scale 256'")
     parser.add_argument("--reuse", action="store_true", help="don't train runs whose output_dir has results.json")
     parser.add_argument("--seeds", default=str(RECIPE_SEED),
-                        help="comma-separated seeds (data order): every run at each; the summary compares same-seed pairs")
+                        help="comma-separated seeds (which files train and evaluate, and their order): every run at each; "
+                             "the summary compares same-seed pairs")
     parser.add_argument("--variants-only", action="store_true",
                         help="with --mini-variants: skip APOLLO-Mini at its default settings")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "apollo_quality_cpu.json"))
@@ -136,6 +135,8 @@ def main():
     seeds = [int(x) for x in ns.seeds.split(",")]
     if seeds != [RECIPE_SEED] and not lrs:
         parser.error("--seeds needs --finetune-lrs")
+    if ns.variants_only and len(seeds) < 2:
+        parser.error("--variants-only needs several --seeds (a one-seed sweep compares Mini's default settings too)")
     plan = sweep(ns.finetune_steps, lrs, variants, seeds, default_mini=not ns.variants_only) if lrs else runs(
         ns.finetune_steps)
     for name, argv in plan.items():
@@ -149,10 +150,7 @@ def main():
     loss = {name: r["after"]["eval_loss"] for name, r in result["runs"].items()}
     if lrs and len(seeds) > 1:
         result["summary"] = seed_summary(loss, seeds)
-        print(json.dumps(result["summary"], indent=2))
-        Path(ns.out).write_text(json.dumps(result, indent=2) + "\n")
-        return
-    if lrs:
+    elif lrs:
         best = {opt: min((loss[f"finetune/{opt}@{lr:g}"], lr) for lr in lrs) for opt in ("adamw", "apollo-mini")}
         result["summary"] = {"best": {opt: {"eval_loss": v, "learning_rate": lr} for opt, (v, lr) in best.items()},
                              "mini_best_vs_adamw_best": best["apollo-mini"][0] / best["adamw"][0], "eval_loss": loss}
@@ -160,18 +158,15 @@ def main():
             mini = min((v, name) for name, v in loss.items() if name.startswith("finetune/apollo-mini"))
             result["summary"]["mini_any_best"] = {"run": mini[1], "eval_loss": mini[0],
                                                   "vs_adamw_best": mini[0] / best["adamw"][0]}
-        print(json.dumps(result["summary"], indent=2))
-        Path(ns.out).write_text(json.dumps(result, indent=2) + "\n")
-        return
-    result["summary"] = {
-        "finetune_mini_vs_adamw": loss["finetune/apollo-mini"] / loss["finetune/adamw"],
-        "pretrain_apollo_vs_adamw": loss["pretrain/apollo-r64"] / loss["pretrain/adamw"],
-        "pretrain_mini_vs_adamw": loss["pretrain/apollo-mini"] / loss["pretrain/adamw"],
-        "eval_loss": loss,
-    }
+    else:
+        result["summary"] = {
+            "finetune_mini_vs_adamw": loss["finetune/apollo-mini"] / loss["finetune/adamw"],
+            "pretrain_apollo_vs_adamw": loss["pretrain/apollo-r64"] / loss["pretrain/adamw"],
+            "pretrain_mini_vs_adamw": loss["pretrain/apollo-mini"] / loss["pretrain/adamw"],
+            "eval_loss": loss,
+        }
     print(json.dumps(result["summary"], indent=2))
     Path(ns.out).write_text(json.dumps(result, indent=2) + "\n")
-
 
 if __name__ == "__main__":
     main()

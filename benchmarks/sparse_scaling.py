@@ -48,15 +48,13 @@ def main():
     from trainer_plugins_sparse.scaling import fit, load_points
 
     runs = plan()
+    dirs = {name: ROOT / argv[argv.index("--output_dir") + 1] for name, argv in runs.items()}
     for name, argv in runs.items():
-        record = ROOT / argv[argv.index("--output_dir") + 1] / "sparsity.json"
-        if not ns.skip_train and not record.exists():
+        if not ns.skip_train and not (dirs[name] / "sparsity.json").exists():
             subprocess.run([sys.executable, "-m", "trainer_plugins", "train", *argv], cwd=ROOT, check=True)
-    dirs = {name: str(ROOT / argv[argv.index("--output_dir") + 1]) for name, argv in runs.items()}
-    points = dict(zip(dirs, load_points(list(dirs.values()))))
-    dense = {k: p for k, p in points.items() if k.endswith("dense")}
-    sparse = {k: p for k, p in points.items() if k.endswith("sparse50")}
-    dense_law, joint_law = fit(list(dense.values())), fit(list(points.values()))
+    points = dict(zip(dirs, load_points([str(d) for d in dirs.values()])))
+    dense_law = fit([p for k, p in points.items() if k.endswith("dense")])
+    joint_law = fit(list(points.values()))
 
     def row(name, p):
         predicted = dense_law.predict(p.n, p.d)
@@ -70,8 +68,9 @@ def main():
         "runs": {name: "trainer-plugins train " + " ".join(argv) for name, argv in runs.items()},
         "dense_law": dense_law.as_dict(), "joint_law": joint_law.as_dict(),
         "points": [row(k, p) for k, p in points.items()],
-        "sparse_runs_from_the_dense_law": {k: row(k, p)["dense_law_error"] for k, p in sparse.items()},
     }
+    result["sparse_runs_from_the_dense_law"] = {r["run"]: r["dense_law_error"] for r in result["points"]
+                                                if r["run"].endswith("sparse50")}
     print("dense runs:", dense_law.describe())
     print("all runs:  ", joint_law.describe())
     for r in result["points"]:

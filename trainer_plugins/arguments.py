@@ -137,7 +137,7 @@ def _convert(hint: Any, value: Any) -> Any:
         choices = get_args(hint)
         if value in choices:
             return value
-        for c in choices:  # YAML reads `off`/`on` as booleans and numbers as numbers
+        for c in choices:  # other cases ("Off"), numbers YAML read as numbers, False from a Python dict
             if str(c).lower() == str(value).lower() or (c == "off" and value is False):
                 return c
         return _Rejected(f"must be one of {list(choices)}, got {value!r}")
