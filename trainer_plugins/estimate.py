@@ -493,10 +493,14 @@ def estimate_recipe(recipe, world_size: Optional[int] = None, mixed_precision: O
     if model_args.dtype == "auto":  # what "auto" picks on a GPU, also when estimating on a CPU
         model_args = dataclasses.replace(model_args, dtype="bfloat16")
     host = args._host
-    if recipe.model_config is None:
-        from .errors import ConfigError
+    from .errors import ConfigError
+    from .spec import uses_fsdp
 
+    if recipe.model_config is None:
         raise ConfigError("estimate needs the model's config (load the recipe with load_config=True)")
+    if uses_fsdp(args):
+        raise ConfigError("estimate models one process, DDP and DeepSpeed ZeRO-1/2/3, not FSDP; FSDP's full "
+                          "sharding keeps about what ZeRO-3 keeps: estimate with --deepspeed recipes/deepspeed/zero3.json")
     with _no_zero3_init():
         return {**_estimate(recipe, args, model_args, data_args, host, world_size, device, autocast), "notes": notes}
 

@@ -18,15 +18,18 @@ SETUPS = {
     "ddp": "DDP (several processes without DeepSpeed)",
     "zero2": "DeepSpeed ZeRO-1/2",
     "zero3": "DeepSpeed ZeRO-3",
+    "fsdp": "FSDP (PyTorch Fully Sharded Data Parallel)",
     "4bit": "a 4-bit (bitsandbytes) base model",
     "ddp+4bit": "DDP with a 4-bit base",
     "zero2+4bit": "DeepSpeed ZeRO-1/2 with a 4-bit base",
     "zero3+4bit": "DeepSpeed ZeRO-3 with a 4-bit base",
+    "fsdp+4bit": "FSDP with a 4-bit base",
 }
 # The matrix's cells, in table order: a run is in exactly one (see cell_of).
-CELLS = ("single", "ddp", "zero2", "zero3", "4bit", "ddp+4bit", "zero2+4bit", "zero3+4bit")
-CELL_TITLES = {"single": "one process", "ddp": "DDP", "zero2": "ZeRO-1/2", "zero3": "ZeRO-3", "4bit": "4-bit",
-               "ddp+4bit": "DDP + 4-bit", "zero2+4bit": "ZeRO-1/2 + 4-bit", "zero3+4bit": "ZeRO-3 + 4-bit"}
+CELLS = ("single", "ddp", "zero2", "zero3", "fsdp", "4bit", "ddp+4bit", "zero2+4bit", "zero3+4bit", "fsdp+4bit")
+CELL_TITLES = {"single": "one process", "ddp": "DDP", "zero2": "ZeRO-1/2", "zero3": "ZeRO-3", "fsdp": "FSDP",
+               "4bit": "4-bit", "ddp+4bit": "DDP + 4-bit", "zero2+4bit": "ZeRO-1/2 + 4-bit",
+               "zero3+4bit": "ZeRO-3 + 4-bit", "fsdp+4bit": "FSDP + 4-bit"}
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _OFF = (None, False, 0, "", "off", "none", "no", "false")
@@ -118,13 +121,28 @@ def deepspeed_stage(args: Any) -> int | None:
     return None
 
 
+def uses_fsdp(args: Any) -> bool:
+    """Whether the run asks for FSDP: TrainingArguments.fsdp (``--fsdp``, ``--fsdp full_shard``; transformers
+    turns it into True or a list of options) or an ``accelerate launch`` with an FSDP config."""
+    value = getattr(args, "fsdp", None)
+    if isinstance(value, (list, tuple)):
+        value = " ".join(str(v) for v in value)
+    return is_switched_on(value) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+
+
 def run_setup(args: Any, model: Any = None, model_args: Any = None) -> set[str]:
-    """The setups (see spec.SETUPS) this run needs: DDP, ZeRO-1/2, ZeRO-3, a 4-bit base, and the
-    combination of several processes with a 4-bit base ("zero2+4bit")."""
+    """The setups (see spec.SETUPS) this run needs: DDP, ZeRO-1/2, ZeRO-3, FSDP, a 4-bit base, and the
+    combination of several processes with a 4-bit base ("zero2+4bit").
+
+    FSDP is told apart from DDP: both launch several processes, but FSDP hands the optimizer and the
+    plugins' hooks sharded parameters (flat 1-D views under FSDP1, DTensors under FSDP2), which a plugin
+    must be written and tested for. (On a CPU, transformers quietly trains an FSDP run as DDP.)"""
     setup = set()
     stage = deepspeed_stage(args)
     if stage is not None:
         setup.add("zero3" if stage == 3 else "zero2")
+    elif uses_fsdp(args):
+        setup.add("fsdp")
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
         setup.add("ddp")
     if getattr(model_args, "load_in_4bit", False) or getattr(model, "is_loaded_in_4bit", False):

@@ -160,6 +160,25 @@ def test_plugin_unsupported_setup(recipe, capsys, install_plugin, deepspeed_env)
           "plugin 'alpha': does not support DeepSpeed ZeRO-3")
 
 
+@pytest.mark.parametrize("how", ["flag", "accelerate"])
+def test_fsdp_is_told_apart_from_ddp(recipe, capsys, monkeypatch, how):
+    """FSDP launches several processes like DDP, but hands the plugins sharded parameters: a plugin that
+    is tested only with DDP and ZeRO is refused under FSDP, as '--fsdp' or as an accelerate FSDP launch."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = ["train", recipe(train={"apollo": "mini"})]
+    if how == "flag":
+        argv += ["--fsdp", "full_shard"]
+    else:
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    fails(capsys, argv, "plugin 'apollo': does not support FSDP (PyTorch Fully Sharded Data Parallel) (it works "
+                        "with: a single process, DDP (several processes without DeepSpeed), DeepSpeed ZeRO-1/2")
+
+
+def test_estimate_refuses_fsdp(recipe, capsys):
+    fails(capsys, ["estimate", recipe(), "--fsdp", "full_shard"], "estimate models one process, DDP and DeepSpeed "
+          "ZeRO-1/2/3, not FSDP")
+
+
 def test_disabled_plugin_flag(recipe, capsys, install_plugin, monkeypatch):
     install_plugin("alpha", PLUGIN.format(name="alpha", extra=""))
     monkeypatch.setenv("TRAINER_PLUGINS_DISABLE", "alpha")
