@@ -6,8 +6,8 @@ Eval loss / perplexity on held-out stdlib modules of
   - LST r8, side layers pruned from the backbone (recipes/smollm2-135m/lst.yaml)
 and the ablations: random side init (QST), r = 16, merge=none (the paper's output: the side network
 alone), whole heads (lst_head_size full: SmolLM2's 9 heads of 64 become 1 head of 64 instead of 9 of 8,
-at the recipe's rate and at 2e-2), and the learning rate of both methods (LST: 2e-3, the recipe's, 5e-3, 1e-2, 2e-2; LoRA: 5e-4, the
-recipe's, 1e-3, 2e-3), so each is also compared at its best rate.
+at the recipe's rate and at 2e-2), and the learning rate of both methods (LST: 2e-3, the recipe's, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1; LoRA: 5e-4, the
+recipe's, 1e-3, 2e-3, 5e-3), so each is also compared at its best rate.
 Trainable parameter counts come from each run's memory report.
 
     python benchmarks/lst_quality.py [--steps N] [--skip-train] [--out benchmarks/results/lst_quality_cpu.json]
@@ -24,25 +24,35 @@ LORA = "recipes/smollm2-135m/loram.yaml"
 RUNS = {
     "lora_r8": [LORA, "--loram_ratio", "0", "--loram_importance", "magnitude", "--loram_merge", "false",
                 "--output_dir", "outputs/smollm2-135m-lora-r8"],
-    "lst_r8_pruned": [LST, "--output_dir", "outputs/smollm2-135m-lst"],
-    "lst_r8_random": [LST, "--lst_init", "random", "--output_dir", "outputs/smollm2-135m-lst-random"],
-    "lst_r16_pruned": [LST, "--lst_reduction_factor", "16", "--output_dir", "outputs/smollm2-135m-lst-r16"],
-    "lst_r8_pruned_merge_none": [LST, "--lst_merge", "none", "--output_dir", "outputs/smollm2-135m-lst-none"],
+    "lst_r8_pruned": [LST, "--learning_rate", "2e-3", "--output_dir", "outputs/smollm2-135m-lst"],
+    "lst_r8_random": [LST, "--lst_init", "random", "--learning_rate", "2e-3", "--output_dir", "outputs/smollm2-135m-lst-random"],
+    "lst_r16_pruned": [LST, "--lst_reduction_factor", "16", "--learning_rate", "2e-3", "--output_dir", "outputs/smollm2-135m-lst-r16"],
+    "lst_r8_pruned_merge_none": [LST, "--lst_merge", "none", "--learning_rate", "2e-3", "--output_dir", "outputs/smollm2-135m-lst-none"],
     # the recipe's 2e-3 against larger side-network learning rates (the paper tuned around 3e-3 on T5)
     "lst_r8_pruned_lr5e-3": [LST, "--learning_rate", "5e-3", "--output_dir", "outputs/smollm2-135m-lst-lr5e-3"],
     "lst_r8_pruned_lr1e-2": [LST, "--learning_rate", "1e-2", "--output_dir", "outputs/smollm2-135m-lst-lr1e-2"],
     "lst_r8_pruned_lr2e-2": [LST, "--learning_rate", "2e-2", "--output_dir", "outputs/smollm2-135m-lst-lr2e-2"],
-    "lst_r8_full_heads": [LST, "--lst_head_size", "full", "--output_dir", "outputs/smollm2-135m-lst-full-heads"],
+    # 2e-2 was still improving: where does it stop?
+    "lst_r8_pruned_lr5e-2": [LST, "--learning_rate", "5e-2", "--output_dir", "outputs/smollm2-135m-lst-lr5e-2"],
+    "lst_r8_pruned_lr1e-1": [LST, "--learning_rate", "1e-1", "--output_dir", "outputs/smollm2-135m-lst-lr1e-1"],
+    "lst_r8_full_heads": [LST, "--lst_head_size", "full", "--learning_rate", "2e-3", "--output_dir", "outputs/smollm2-135m-lst-full-heads"],
     "lst_r8_full_heads_lr2e-2": [LST, "--lst_head_size", "full", "--learning_rate", "2e-2", "--output_dir",
                                  "outputs/smollm2-135m-lst-full-heads-lr2e-2"],
     "lora_r8_lr1e-3": [LORA, "--loram_ratio", "0", "--loram_importance", "magnitude", "--loram_merge", "false",
                        "--learning_rate", "1e-3", "--output_dir", "outputs/smollm2-135m-lora-r8-lr1e-3"],
     "lora_r8_lr2e-3": [LORA, "--loram_ratio", "0", "--loram_importance", "magnitude", "--loram_merge", "false",
                        "--learning_rate", "2e-3", "--output_dir", "outputs/smollm2-135m-lora-r8-lr2e-3"],
+    # the recipe as shipped (60 steps) at its old rate and at the sweep's best: what the recipe's rate should be
+    "lst_recipe_60_steps_lr2e-3": [LST, "--max_steps", "60", "--learning_rate", "2e-3", "--output_dir",
+                                   "outputs/smollm2-135m-lst-60-lr2e-3"],
+    "lst_recipe_60_steps_lr2e-2": [LST, "--max_steps", "60", "--learning_rate", "2e-2", "--output_dir",
+                                   "outputs/smollm2-135m-lst-60-lr2e-2"],
+    "lora_r8_lr5e-3": [LORA, "--loram_ratio", "0", "--loram_importance", "magnitude", "--loram_merge", "false",
+                       "--learning_rate", "5e-3", "--output_dir", "outputs/smollm2-135m-lora-r8-lr5e-3"],
 }
 LEARNING_RATES = {"2e-3": "lst_r8_pruned", "5e-3": "lst_r8_pruned_lr5e-3", "1e-2": "lst_r8_pruned_lr1e-2",
-                  "2e-2": "lst_r8_pruned_lr2e-2"}
-LORA_LEARNING_RATES = {"5e-4": "lora_r8", "1e-3": "lora_r8_lr1e-3", "2e-3": "lora_r8_lr2e-3"}
+                  "2e-2": "lst_r8_pruned_lr2e-2", "5e-2": "lst_r8_pruned_lr5e-2", "1e-1": "lst_r8_pruned_lr1e-1"}
+LORA_LEARNING_RATES = {"5e-4": "lora_r8", "1e-3": "lora_r8_lr1e-3", "2e-3": "lora_r8_lr2e-3", "5e-3": "lora_r8_lr5e-3"}
 
 
 def point(loss):
@@ -51,7 +61,7 @@ def point(loss):
 
 def main():
     ns = parse_arguments(__doc__.splitlines()[0], "lst_quality_cpu.json")
-    result = run_recipes(RUNS, ns.steps, ns.skip_train, ns.only)
+    result = run_recipes(RUNS, ns.steps, ns.skip_train, ns.only, previous=ns.out)
     runs = result["runs"]
     table = {"untouched": point(runs["lst_r8_pruned"]["before"]["eval_loss"])}
     for name, run in runs.items():
@@ -74,6 +84,10 @@ def main():
         "best_lst_learning_rate": best, "best_lora_learning_rate": best_lora,
         "best_lst_vs_lora_eval_loss": round(best_loss / lora, 4),  # LoRA at its recipe's rate
         "best_lst_vs_best_lora_eval_loss": round(best_loss / best_lora_loss, 4),
+        "lora_best_rate_is_the_largest_tried": best_lora == list(LORA_LEARNING_RATES)[-1],
+        # the recipe as shipped, 60 steps: its rate before (2e-3) and now (2e-2)
+        "recipe_60_steps_eval_loss": {"2e-3": table["lst_recipe_60_steps_lr2e-3"]["eval_loss"],
+                                      "2e-2": table["lst_recipe_60_steps_lr2e-2"]["eval_loss"]},
     })
     print(json.dumps({"table": table, "summary": result["summary"]}, indent=2))
     Path(ns.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -36,7 +36,7 @@ def point(loss):
 
 def main():
     ns = parse_arguments(__doc__.splitlines()[0], "meft_quality_cpu.json")
-    result = run_recipes(RUNS, ns.steps, ns.skip_train, ns.only)
+    result = run_recipes(RUNS, ns.steps, ns.skip_train, ns.only, previous=ns.out)
     runs = result["runs"]
     table = {"untouched": point(runs["lora_r8"]["before"]["eval_loss"]),
              "meft1_start": point(runs["meft1"]["before"]["eval_loss"])}

@@ -19,22 +19,34 @@ def parse_arguments(description: str, result_name: str):
     parser.add_argument("--skip-train", action="store_true", help="only read the outputs of earlier runs")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / result_name))
     parser.add_argument("--steps", type=int, help="max_steps of every run (default: the recipes' 60)")
-    parser.add_argument("--only", nargs="*", help="run only these (the others are read from earlier outputs)")
+    parser.add_argument("--only", nargs="*", help="run only these (the others are read from earlier outputs, or from --out's runs of the same command)")
     return parser.parse_args()
 
 
-def run_recipes(runs: dict, steps=None, skip_train=False, only=None) -> dict:
+def run_recipes(runs: dict, steps=None, skip_train=False, only=None, previous=None) -> dict:
     """``runs``: name -> `trainer-plugins train` arguments (with --output_dir). Trains each (unless
     ``skip_train``, or ``only`` names others), then returns the device, date, the exact commands and
-    each run's before/after/train, trainable parameters and last sample."""
+    each run's before/after/train, trainable parameters and last sample.
+
+    A run not trained now whose output folder is gone (a fresh clone) is taken from ``previous`` (the committed
+    result file) when that file ran the same command: the runs are deterministic, so adding one run to a study
+    does not retrain the others. Such runs are listed under "reused" with the date they ran."""
     result = {"device": f"CPU ({platform.processor() or platform.machine()})", "date": time.strftime("%Y-%m-%d"),
               "commands": {}, "runs": {}}
+    earlier = json.loads(Path(previous).read_text()) if previous and Path(previous).is_file() else {}
+    if "commands_note" in earlier:  # what a reused run's command meant when it ran
+        result["commands_note"] = earlier["commands_note"]
     for name, argv in runs.items():
-        argv = argv + (["--max_steps", str(steps)] if steps else [])
-        result["commands"][name] = "trainer-plugins train " + " ".join(argv)
+        argv = argv + (["--max_steps", str(steps)] if steps and "--max_steps" not in argv else [])  # a run's own wins
+        command = "trainer-plugins train " + " ".join(argv)
+        result["commands"][name] = command
         if not skip_train and (not only or name in only):
             subprocess.run([sys.executable, "-m", "trainer_plugins", "train", *argv], cwd=ROOT, check=True)
         out = ROOT / argv[argv.index("--output_dir") + 1]
+        if not (out / "results.json").is_file() and earlier.get("commands", {}).get(name) == command:
+            result["runs"][name] = earlier["runs"][name]
+            result.setdefault("reused", {})[name] = earlier.get("reused", {}).get(name, earlier.get("date"))
+            continue
         run = json.loads((out / "results.json").read_text())
         result["runs"][name] = {
             "before": run["before"], "after": run["after"], "train": run["train"],

@@ -59,6 +59,9 @@ HUB_SHAPES = {
 GPU_RECIPES = [p for p in RECIPES if read_recipe(p).get("model_name_or_path") in HUB_SHAPES]
 
 
+# latest_only: the estimate's machinery runs on both suites (tests/host/test_estimate.py); this adds real
+# 8B-70B shapes on meta (about 2 minutes), whose arithmetic does not depend on the transformers version
+@pytest.mark.latest_only
 @pytest.mark.parametrize("path", GPU_RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
 def test_gpu_recipe_fits_one_80gb_gpu(path, request, tmp_path):
     """`trainer-plugins estimate` on the real shape: every GPU recipe fits an 80 GB GPU with room for the CUDA
