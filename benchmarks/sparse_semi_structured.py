@@ -2,7 +2,11 @@
 plugin's pruner, then converted with trainer_plugins_sparse.inference.to_semi_structured.
 
 Measures prefill (batch x sequence forward) and greedy decoding throughput, dense vs 2:4, and the
-largest logit difference (the conversion must not change the function). Run on the GPU:
+largest logit difference (the conversion must not change the function), with each of torch's two 2:4
+backends (cuSPARSELt, torch's default, and CUTLASS); and, to tell the kernels from the model around them, one
+F.linear per distinct weight shape at the prefill's token count, dense vs each backend. The first run
+(2026-11-27, H200, torch 2.11) found the whole model slower with 2:4 and did not record which backend ran.
+Run on the GPU:
 
     python benchmarks/sparse_semi_structured.py --shape 1b --out $OUT/sparse_semi_structured.json
 """
@@ -12,10 +16,11 @@ import json
 import time
 
 import torch
+from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from trainer_plugins.targets import linear_weights
-from trainer_plugins_sparse.inference import to_semi_structured
+from trainer_plugins_sparse.inference import is_n_m, to_semi_structured
 from trainer_plugins_sparse.pruning import Pruner, Target
 from trainer_plugins_sparse.schedule import keep_count
 
@@ -37,12 +42,45 @@ def timed(fn, repeats):
     return (time.perf_counter() - start) / repeats
 
 
+def restore(model, dense_weights) -> None:
+    """Put the dense weights back (a conversion replaces them in place)."""
+    for name, module in model.named_modules():
+        if name in dense_weights:
+            module.weight = torch.nn.Parameter(dense_weights[name].clone(), requires_grad=False)
+
+
+def linear_kernels(model, tokens: int) -> dict:
+    """F.linear at ``tokens`` rows for each distinct (2:4-pruned) weight shape: dense and each backend, seconds
+    per call and the speedup; a backend that refuses a shape records its error."""
+    import torch.nn.functional as F
+
+    out = {}
+    shapes = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.shape not in shapes and is_n_m(module.weight):
+            shapes[module.weight.shape] = module.weight.detach()
+    for shape, weight in shapes.items():
+        x = torch.randn(tokens, shape[1], device=weight.device, dtype=weight.dtype)
+        row = {"dense_s": timed(lambda: F.linear(x, weight), 20)}
+        for backend, force_cutlass in (("cusparselt", False), ("cutlass", True)):
+            SparseSemiStructuredTensor._FORCE_CUTLASS = force_cutlass
+            try:
+                sparse = to_sparse_semi_structured(weight)
+                row[f"{backend}_s"] = timed(lambda: F.linear(x, sparse), 20)
+                row[f"{backend}_speedup"] = row["dense_s"] / row[f"{backend}_s"]
+            except Exception as error:  # noqa: BLE001
+                row[f"{backend}_error"] = f"{type(error).__name__}: {error}"[:300]
+        SparseSemiStructuredTensor._FORCE_CUTLASS = False
+        out["x".join(map(str, shape))] = row
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=SHAPES, default="1b")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=1024)
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=32)  # 2:4 decoding ran at 42 tokens/s: keep it short
     parser.add_argument("--out", default="sparse_semi_structured.json")
     ns = parser.parse_args()
 
@@ -63,18 +101,31 @@ def main():
         return {"prefill_s": prefill, "prefill_tokens_per_s": ns.batch * ns.seq / prefill,
                 "decode_tokens_per_s": ns.batch * ns.new_tokens / decode}, logits
 
+    dense_weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    kernels = linear_kernels(model, ns.batch * ns.seq)
     dense, dense_logits = measure()
-    converted = to_semi_structured(model)
-    sparse, sparse_logits = measure()
     result = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": ns.shape,
-        "batch": ns.batch, "seq": ns.seq, "new_tokens": ns.new_tokens, "converted_linear_layers": len(converted),
-        "dense": dense, "semi_structured_2_4": sparse,
-        "prefill_speedup": dense["prefill_s"] / sparse["prefill_s"],
-        "decode_speedup": sparse["decode_tokens_per_s"] / dense["decode_tokens_per_s"],
-        "max_abs_logit_diff": float((dense_logits - sparse_logits).abs().max()),
-        "date": time.strftime("%Y-%m-%d"),
+        "batch": ns.batch, "seq": ns.seq, "new_tokens": ns.new_tokens, "dense": dense,
+        "cusparselt_version": torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else None,
+        "linear_kernels": kernels, "backends": {},
     }
+    for backend, force_cutlass in (("cusparselt", False), ("cutlass", True)):
+        SparseSemiStructuredTensor._FORCE_CUTLASS = force_cutlass
+        try:
+            restore(model, dense_weights)
+            converted = to_semi_structured(model)
+            sparse, sparse_logits = measure()
+            result["backends"][backend] = {
+                "converted_linear_layers": len(converted), **sparse,
+                "prefill_speedup": dense["prefill_s"] / sparse["prefill_s"],
+                "decode_speedup": sparse["decode_tokens_per_s"] / dense["decode_tokens_per_s"],
+                "max_abs_logit_diff": float((dense_logits - sparse_logits).abs().max()),
+            }
+        except Exception as error:  # noqa: BLE001 -- a backend this build lacks is a finding, not a crash
+            result["backends"][backend] = {"error": f"{type(error).__name__}: {error}"[:500]}
+    SparseSemiStructuredTensor._FORCE_CUTLASS = False
+    result["date"] = time.strftime("%Y-%m-%d")
     print(json.dumps(result, indent=2))
     with open(ns.out, "w") as f:
         json.dump(result, f, indent=2)
