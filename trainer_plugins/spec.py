@@ -122,8 +122,9 @@ def deepspeed_stage(args: Any) -> int | None:
 
 
 def uses_fsdp(args: Any) -> bool:
-    """Whether the run asks for FSDP: TrainingArguments.fsdp (``--fsdp``, ``--fsdp full_shard``; transformers
-    turns it into True or a list of options) or an ``accelerate launch`` with an FSDP config."""
+    """Whether the run asks for FSDP: TrainingArguments.fsdp (``--fsdp`` or ``--fsdp full_shard``: True once
+    transformers 5.x has parsed it, a string or a list of options before) or an ``accelerate launch`` with an
+    FSDP config."""
     value = getattr(args, "fsdp", None)
     if isinstance(value, (list, tuple)):
         value = " ".join(str(v) for v in value)
