@@ -57,10 +57,11 @@ def test_every_unsupported_cell_is_refused_before_loading(names, cell, works, mo
     """The host's check, with what a run in that cell has: WORLD_SIZE (DDP), a DeepSpeed config, load_in_4bit.
     Nothing is loaded: it runs on the arguments alone, as validation does before any model loads."""
     parallel = cell.split("+")[0]
-    monkeypatch.setenv("WORLD_SIZE", "2" if parallel in ("ddp", "fsdp") else "1")
+    monkeypatch.setenv("WORLD_SIZE", "2" if parallel in ("ddp", "fsdp", "model_parallel") else "1")
     stage = {"zero2": 2, "zero3": 3}.get(parallel)
     args = SimpleNamespace(deepspeed={"zero_optimization": {"stage": stage}} if stage else None,
                            fsdp=True if parallel == "fsdp" else None,
+                           parallelism_config={"tp_size": 2} if parallel == "model_parallel" else None,
                            **{n: None for n in get_host().specs if n != BUILTIN})
     for name in names:
         setattr(args, name, SWITCH[name])

@@ -494,11 +494,15 @@ def estimate_recipe(recipe, world_size: Optional[int] = None, mixed_precision: O
         model_args = dataclasses.replace(model_args, dtype="bfloat16")
     host = args._host
     from .errors import ConfigError
-    from .spec import uses_fsdp
+    from .spec import parallelism_sizes, uses_fsdp
 
     if recipe.model_config is None:
         raise ConfigError("estimate needs the model's config (load the recipe with load_config=True)")
-    if uses_fsdp(args):
+    split = {d: n for d, n in parallelism_sizes(args).items() if d != "dp_shard"}
+    if split:
+        raise ConfigError("estimate models one process, DDP and DeepSpeed ZeRO-1/2/3, not tensor, context or "
+                          f"sequence parallelism ({', '.join(f'{d}_size {n}' for d, n in split.items())})")
+    if uses_fsdp(args) or parallelism_sizes(args):
         raise ConfigError("estimate models one process, DDP and DeepSpeed ZeRO-1/2/3, not FSDP; FSDP's full "
                           "sharding keeps about what ZeRO-3 keeps: estimate with --deepspeed recipes/deepspeed/zero3.json")
     with _no_zero3_init():

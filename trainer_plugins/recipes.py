@@ -188,6 +188,11 @@ def load_recipe(path_or_dict: str | os.PathLike | dict, overrides: list[str] | d
         model_args, data_args, args, run_args = p.parse_dict(flat)
         for plain in (model_args, data_args, run_args):
             check_dataclass(plain)
+        # a YAML mapping: the Trainer hands accelerate the object
+        if isinstance(getattr(args, "parallelism_config", None), dict):
+            from accelerate import ParallelismConfig
+
+            args.parallelism_config = ParallelismConfig(**args.parallelism_config)
     except ConfigError:
         raise
     except (ValueError, TypeError, OSError) as exc:

@@ -24,12 +24,18 @@ SETUPS = {
     "zero2+4bit": "DeepSpeed ZeRO-1/2 with a 4-bit base",
     "zero3+4bit": "DeepSpeed ZeRO-3 with a 4-bit base",
     "fsdp+4bit": "FSDP with a 4-bit base",
+    "model_parallel": "tensor, context or sequence parallelism (accelerate's ParallelismConfig)",
 }
 # The matrix's cells, in table order: a run is in exactly one (see cell_of).
-CELLS = ("single", "ddp", "zero2", "zero3", "fsdp", "4bit", "ddp+4bit", "zero2+4bit", "zero3+4bit", "fsdp+4bit")
+CELLS = ("single", "ddp", "zero2", "zero3", "fsdp", "4bit", "ddp+4bit", "zero2+4bit", "zero3+4bit", "fsdp+4bit",
+         "model_parallel")
 CELL_TITLES = {"single": "one process", "ddp": "DDP", "zero2": "ZeRO-1/2", "zero3": "ZeRO-3", "fsdp": "FSDP",
                "4bit": "4-bit", "ddp+4bit": "DDP + 4-bit", "zero2+4bit": "ZeRO-1/2 + 4-bit",
-               "zero3+4bit": "ZeRO-3 + 4-bit", "fsdp+4bit": "FSDP + 4-bit"}
+               "zero3+4bit": "ZeRO-3 + 4-bit", "fsdp+4bit": "FSDP + 4-bit",
+               "model_parallel": "TP / CP / SP"}
+# accelerate's N-D parallelism (ParallelismConfig): dp_shard is FSDP2 underneath; tp, cp and sp split weights
+# or sequences across processes, which no plugin is written for.
+_PARALLEL_SIZES = ("dp_shard", "tp", "cp", "sp")
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _OFF = (None, False, 0, "", "off", "none", "no", "false")
@@ -131,22 +137,51 @@ def uses_fsdp(args: Any) -> bool:
     return is_switched_on(value) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
 
 
+def parallelism_sizes(args: Any, model: Any = None) -> dict[str, int]:
+    """The dimensions of accelerate's N-D parallelism this run asks for with a size above 1 (of dp_shard, tp,
+    cp, sp): from TrainingArguments.parallelism_config (a ParallelismConfig, or a mapping from a recipe), an
+    ``accelerate launch`` whose config has a parallelism_config (ACCELERATE_USE_PARALLELISM_CONFIG and
+    PARALLELISM_CONFIG_<DIM>_SIZE), or a model sharded at load time (``tp_plan``: model.tp_size)."""
+    config = getattr(args, "parallelism_config", None)
+    from_env = os.environ.get("ACCELERATE_USE_PARALLELISM_CONFIG", "").lower() == "true"
+    sizes = {}
+    for dim in _PARALLEL_SIZES:
+        value = config.get(f"{dim}_size") if isinstance(config, Mapping) else getattr(config, f"{dim}_size", None)
+        if value is None and from_env:
+            value = os.environ.get(f"PARALLELISM_CONFIG_{dim.upper()}_SIZE")
+        try:
+            size = int(value) if value is not None else 1
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"parallelism_config: {dim}_size must be a whole number, got {value!r}") from exc
+        if size > 1:
+            sizes[dim] = size
+    if (getattr(model, "tp_size", None) or 1) > 1:
+        sizes["tp"] = model.tp_size
+    return sizes
+
+
 def run_setup(args: Any, model: Any = None, model_args: Any = None) -> set[str]:
     """The setups (see spec.SETUPS) this run needs: DDP, ZeRO-1/2, ZeRO-3, FSDP, a 4-bit base, and the
     combination of several processes with a 4-bit base ("zero2+4bit").
 
     FSDP is told apart from DDP: both launch several processes, but FSDP hands the optimizer and the
     plugins' hooks sharded parameters (flat 1-D views under FSDP1, DTensors under FSDP2), which a plugin
-    must be written and tested for. (On a CPU, transformers quietly trains an FSDP run as DDP.)"""
+    must be written and tested for. (On a CPU, transformers quietly trains an FSDP run as DDP.) accelerate's
+    N-D parallelism counts as FSDP when it only shards data (dp_shard), and is a cell of its own
+    ("model_parallel") as soon as it splits weights or sequences (tp, cp, sp), with or without DeepSpeed."""
+    sizes = parallelism_sizes(args, model)
+    four_bit = getattr(model_args, "load_in_4bit", False) or getattr(model, "is_loaded_in_4bit", False)
+    if set(sizes) - {"dp_shard"}:
+        return {"model_parallel", "4bit"} if four_bit else {"model_parallel"}
     setup = set()
     stage = deepspeed_stage(args)
     if stage is not None:
         setup.add("zero3" if stage == 3 else "zero2")
-    elif uses_fsdp(args):
+    elif uses_fsdp(args) or sizes:
         setup.add("fsdp")
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
         setup.add("ddp")
-    if getattr(model_args, "load_in_4bit", False) or getattr(model, "is_loaded_in_4bit", False):
+    if four_bit:
         setup |= {"4bit", *(f"{s}+4bit" for s in setup)}
     return setup
 

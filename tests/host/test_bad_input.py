@@ -174,9 +174,49 @@ def test_fsdp_is_told_apart_from_ddp(recipe, capsys, monkeypatch, how):
                         "with: a single process, DDP (several processes without DeepSpeed), DeepSpeed ZeRO-1/2")
 
 
+@pytest.mark.parametrize("how", ["recipe", "accelerate"])
+def test_tensor_context_and_sequence_parallelism_are_refused(recipe, capsys, monkeypatch, how):
+    """accelerate's N-D parallelism splits weights (tp) or sequences (cp, sp) across processes: no plugin is
+    written for that, so it is a cell of its own, refused for every plugin, whether the recipe asks for it
+    (parallelism_config) or an ``accelerate launch`` config does."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    train = {"lst": True}
+    if how == "recipe":
+        train["parallelism_config"] = {"tp_size": 2}
+    else:
+        monkeypatch.setenv("ACCELERATE_USE_PARALLELISM_CONFIG", "true")
+        monkeypatch.setenv("PARALLELISM_CONFIG_SP_SIZE", "2")
+    fails(capsys, ["train", recipe(train=train)], "plugin 'lst': does not support tensor, context or sequence "
+                                                  "parallelism (accelerate's ParallelismConfig) (it works with: a single process")
+
+
+def test_data_sharding_alone_counts_as_fsdp(recipe, capsys, monkeypatch):
+    """dp_shard without tp/cp/sp is FSDP2 underneath: the FSDP cell's refusal, not DDP's acceptance."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    fails(capsys, ["train", recipe(train={"apollo": "mini", "parallelism_config": {"dp_shard_size": 2}})],
+          "plugin 'apollo': does not support FSDP (PyTorch Fully Sharded Data Parallel)")
+
+
+def test_a_recipes_parallelism_mapping_becomes_accelerates_object(recipe):
+    """Without a plugin the run is the Trainer's own, which hands accelerate a ParallelismConfig, not a dict."""
+    from accelerate import ParallelismConfig
+
+    from trainer_plugins.recipes import load_recipe
+
+    loaded = load_recipe(recipe(train={"parallelism_config": {"tp_size": 2}}), load_config=False)
+    assert isinstance(loaded.args.parallelism_config, ParallelismConfig)
+    assert loaded.args.parallelism_config.tp_size == 2
+
+
 def test_estimate_refuses_fsdp(recipe, capsys):
     fails(capsys, ["estimate", recipe(), "--fsdp", "full_shard"], "estimate models one process, DDP and DeepSpeed "
           "ZeRO-1/2/3, not FSDP")
+
+
+def test_estimate_refuses_tensor_parallelism(recipe, capsys):
+    fails(capsys, ["estimate", recipe(train={"parallelism_config": {"tp_size": 4}})],
+          "estimate models one process, DDP and DeepSpeed ZeRO-1/2/3, not tensor, context or sequence parallelism "
+          "(tp_size 4)")
 
 
 def test_disabled_plugin_flag(recipe, capsys, install_plugin, monkeypatch):
