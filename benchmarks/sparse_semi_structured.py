@@ -12,6 +12,7 @@ Run on the GPU:
 """
 
 import argparse
+import contextlib
 import json
 import time
 
@@ -30,6 +31,19 @@ SHAPES = {
     "7b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=11008, num_attention_heads=32,
                num_key_value_heads=32, vocab_size=32000),
 }
+
+
+BACKENDS = {"cusparselt": False, "cutlass": True}  # name -> SparseSemiStructuredTensor._FORCE_CUTLASS
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """Tensors converted inside use ``name``'s kernels (torch picks the backend at conversion)."""
+    SparseSemiStructuredTensor._FORCE_CUTLASS = BACKENDS[name]
+    try:
+        yield
+    finally:
+        SparseSemiStructuredTensor._FORCE_CUTLASS = False
 
 
 def timed(fn, repeats):
@@ -62,15 +76,14 @@ def linear_kernels(model, tokens: int) -> dict:
     for shape, weight in shapes.items():
         x = torch.randn(tokens, shape[1], device=weight.device, dtype=weight.dtype)
         row = {"dense_s": timed(lambda: F.linear(x, weight), 20)}
-        for backend, force_cutlass in (("cusparselt", False), ("cutlass", True)):
-            SparseSemiStructuredTensor._FORCE_CUTLASS = force_cutlass
+        for name in BACKENDS:
             try:
-                sparse = to_sparse_semi_structured(weight)
-                row[f"{backend}_s"] = timed(lambda: F.linear(x, sparse), 20)
-                row[f"{backend}_speedup"] = row["dense_s"] / row[f"{backend}_s"]
+                with backend(name):
+                    sparse = to_sparse_semi_structured(weight)
+                row[f"{name}_s"] = timed(lambda: F.linear(x, sparse), 20)
+                row[f"{name}_speedup"] = row["dense_s"] / row[f"{name}_s"]
             except Exception as error:  # noqa: BLE001
-                row[f"{backend}_error"] = f"{type(error).__name__}: {error}"[:300]
-        SparseSemiStructuredTensor._FORCE_CUTLASS = False
+                row[f"{name}_error"] = f"{type(error).__name__}: {error}"[:300]
         out["x".join(map(str, shape))] = row
     return out
 
@@ -110,21 +123,20 @@ def main():
         "cusparselt_version": torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else None,
         "linear_kernels": kernels, "backends": {},
     }
-    for backend, force_cutlass in (("cusparselt", False), ("cutlass", True)):
-        SparseSemiStructuredTensor._FORCE_CUTLASS = force_cutlass
+    for name in BACKENDS:
         try:
             restore(model, dense_weights)
-            converted = to_semi_structured(model)
+            with backend(name):
+                converted = to_semi_structured(model)
             sparse, sparse_logits = measure()
-            result["backends"][backend] = {
+            result["backends"][name] = {
                 "converted_linear_layers": len(converted), **sparse,
                 "prefill_speedup": dense["prefill_s"] / sparse["prefill_s"],
                 "decode_speedup": sparse["decode_tokens_per_s"] / dense["decode_tokens_per_s"],
                 "max_abs_logit_diff": float((dense_logits - sparse_logits).abs().max()),
             }
         except Exception as error:  # noqa: BLE001 -- a backend this build lacks is a finding, not a crash
-            result["backends"][backend] = {"error": f"{type(error).__name__}: {error}"[:500]}
-    SparseSemiStructuredTensor._FORCE_CUTLASS = False
+            result["backends"][name] = {"error": f"{type(error).__name__}: {error}"[:500]}
     result["date"] = time.strftime("%Y-%m-%d")
     print(json.dumps(result, indent=2))
     with open(ns.out, "w") as f:
