@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "PluginTrainingArguments": "arguments",
     "PluginArgumentParser": "arguments",
+    "arguments_class": "arguments",
     "PluginsMixin": "trainer",
     "PluginTrainer": "trainer",
     "ModelArguments": "models",

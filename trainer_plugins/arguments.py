@@ -2,6 +2,8 @@
 
 The class is built when this module is imported, from the plugins the host discovered, so anything
 that takes a TrainingArguments dataclass (HfArgumentParser, YAML/JSON args, ``--help``) keeps working.
+``arguments_class(base=SFTConfig)`` adds the same flags to a Trainer subclass's own arguments class (TRL's
+trainers rebuild any other TrainingArguments as their config, which would drop or refuse the flags).
 ``PluginArgumentParser`` adds what HfArgumentParser lacks: one ``--help`` group per plugin, and an
 error that suggests the closest valid key for an unknown or misspelled one.
 """
@@ -20,12 +22,15 @@ from transformers import HfArgumentParser, TrainingArguments
 from .errors import ConfigError
 from .manager import PluginHost, get_host
 
-# Every class built by build_arguments_class, keyed by its plugin names, so that pickling and
-# deepcopy (the Trainer saves its args with torch.save) come back to the same class.
+# Every class built by build_arguments_class, keyed by its plugin names (after "module:Class" of its base when
+# that is not TrainingArguments), so that pickling and deepcopy (the Trainer saves its args with torch.save)
+# come back to the same class.
 _CLASSES: dict[tuple[str, ...], type] = {}
 
 
-class _PluginArgumentsBase(TrainingArguments):
+class _PluginArgumentsBase:
+    """Put before a TrainingArguments dataclass (or a subclass such as TRL's SFTConfig) in the bases."""
+
     _plugin_fields: ClassVar[dict[str, tuple[str, ...]]] = {}
     _plugin_key: ClassVar[tuple[str, ...]] = ()
     _host: ClassVar[PluginHost | None] = None
@@ -57,15 +62,23 @@ class _PluginArgumentsBase(TrainingArguments):
 
 
 def _rebuild_arguments(key: tuple[str, ...], state: dict) -> Any:
-    cls = _CLASSES.get(key) or PluginTrainingArguments
+    cls = _CLASSES.get(key)
+    if cls is None and key and ":" in key[0]:  # another base, unpickled in a fresh process
+        import importlib
+
+        module, _, name = key[0].partition(":")
+        cls = arguments_class(base=getattr(importlib.import_module(module), name))
+    cls = cls or PluginTrainingArguments
     obj = cls.__new__(cls)
     obj.__dict__.update(state)
     return obj
 
 
-def build_arguments_class(host: PluginHost) -> type:
-    """TrainingArguments + the flags of every plugin the host knows, as one dataclass."""
-    taken = {f.name for f in dataclasses.fields(TrainingArguments)}
+def build_arguments_class(host: PluginHost, base: type = TrainingArguments) -> type:
+    """``base`` (TrainingArguments or a subclass) + the flags of every plugin the host knows, as one dataclass."""
+    if not (isinstance(base, type) and issubclass(base, TrainingArguments)):
+        raise ConfigError(f"arguments_class: base must be TrainingArguments or a subclass of it, got {base!r}")
+    taken = {f.name for f in dataclasses.fields(base)}
     new_fields, plugin_fields = [], {}
     for name, spec in sorted(host.specs.items()):
         if spec.arguments is None:
@@ -74,7 +87,8 @@ def build_arguments_class(host: PluginHost) -> type:
         names = []
         for f in dataclasses.fields(spec.arguments):
             if f.name in taken:
-                raise ConfigError(f"plugin '{name}' flag '{f.name}' is already defined by another plugin")
+                raise ConfigError(f"plugin '{name}' flag '{f.name}' is already defined by another plugin"
+                                  + ("" if base is TrainingArguments else f" or by {base.__name__}"))
             taken.add(f.name)
             copy = dataclasses.field(
                 default=f.default, default_factory=f.default_factory, metadata=dict(f.metadata)
@@ -83,13 +97,15 @@ def build_arguments_class(host: PluginHost) -> type:
             names.append(f.name)
         plugin_fields[name] = tuple(names)
     key = tuple(sorted(plugin_fields))
+    if base is not TrainingArguments:
+        key = (f"{base.__module__}:{base.__qualname__}", *key)
     cls = dataclasses.make_dataclass(
-        "PluginTrainingArguments",
+        "PluginTrainingArguments" if base is TrainingArguments else f"Plugin{base.__name__}",
         new_fields,
-        bases=(_PluginArgumentsBase,),
+        bases=(_PluginArgumentsBase, base),
         namespace={"_plugin_fields": plugin_fields, "_plugin_key": key, "_host": host, "__module__": __name__},
     )
-    cls.__doc__ = "TrainingArguments plus the flags of the installed plugins: " + (", ".join(key) or "none")
+    cls.__doc__ = f"{base.__name__} plus the flags of the installed plugins: " + (", ".join(plugin_fields) or "none")
     _CLASSES[key] = cls
     return cls
 
@@ -271,12 +287,16 @@ def unknown_key_message(key: str, valid: list[str], host: PluginHost) -> str:
     return msg + f"; no installed plugin provides it (installed plugins: {installed}; see `trainer-plugins list`)"
 
 
-def arguments_class(host: PluginHost | None = None) -> type:
-    """The PluginTrainingArguments class of ``host`` (the process-wide one by default)."""
+def arguments_class(host: PluginHost | None = None, base: type = TrainingArguments) -> type:
+    """The PluginTrainingArguments class of ``host`` (the process-wide one by default); with ``base``, that
+    TrainingArguments subclass plus the plugins' flags, for a Trainer subclass that wants its own arguments
+    class (``arguments_class(base=SFTConfig)`` for ``class MySFT(PluginsMixin, SFTTrainer)``)."""
     host = host or get_host()
-    if getattr(host, "_arguments_class", None) is None:
-        host._arguments_class = build_arguments_class(host)
-    return host._arguments_class
+    if not hasattr(host, "_arguments_classes"):
+        host._arguments_classes = {}
+    if base not in host._arguments_classes:
+        host._arguments_classes[base] = build_arguments_class(host, base)
+    return host._arguments_classes[base]
 
 
 PluginTrainingArguments = arguments_class()

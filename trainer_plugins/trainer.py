@@ -1,7 +1,7 @@
 """``PluginsMixin``: calls the plugins' hooks at the right points of a ``transformers.Trainer``.
 
-Mix it in front of any Trainer subclass (``class MySFT(PluginsMixin, SFTTrainer)``);
-``PluginTrainer`` is ``PluginsMixin + Trainer``. Only public or long-stable Trainer methods are
+Mix it in front of any Trainer subclass (``class MySFT(PluginsMixin, SFTTrainer)``, with arguments from
+``arguments_class(base=SFTConfig)``); ``PluginTrainer`` is ``PluginsMixin + Trainer``. Only public or long-stable Trainer methods are
 overridden: ``__init__``, ``create_optimizer``, ``train``, ``log``, ``save_model`` and ``_save``.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .errors import ConfigError
 from .manager import BUILTIN, PluginHost, get_host
 from .spec import deepspeed_stage, run_setup  # noqa: F401  (re-exported: plugins import them from here too)
 
@@ -47,7 +49,21 @@ class PluginsMixin:
                     args = (model, *args[1:])
             extra = [cb for cbs in host.call("callbacks", train_args, trainer=self) for cb in cbs]
             kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + extra
-        super().__init__(*args, **kwargs)
+        try:
+            super().__init__(*args, **kwargs)
+        except TypeError as exc:  # e.g. TRL: SFTConfig(**args.to_dict()) meets a plugin flag
+            flag = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+            if flag and flag.group(1) in _plugin_flags(train_args):
+                raise ConfigError(self._own_arguments_class_hint(flag.group(1))) from exc
+            raise
+        lost = [n for n in _plugin_flags(train_args) if not hasattr(self.args, n)]
+        if lost:  # a subclass replaced the arguments with its own class and kept what it knows
+            raise ConfigError(self._own_arguments_class_hint(lost[0]))
+
+    def _own_arguments_class_hint(self, flag: str) -> str:
+        return (f"{type(self).__name__} rebuilds the training arguments as its own class, which has no plugin flag "
+                f"'{flag}': build them with trainer_plugins.arguments_class(base=<that class>), e.g. "
+                f"arguments_class(base=SFTConfig) for TRL's SFTTrainer")
 
     def create_optimizer(self, *args: Any, **kwargs: Any):
         # deepspeed_init calls create_optimizer too, so a plugin optimizer is what ZeRO wraps.
@@ -103,6 +119,10 @@ class PluginsMixin:
                 torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
                 return
         super()._save(output_dir, state_dict=state_dict)
+
+
+def _plugin_flags(train_args: Any) -> list[str]:
+    return [n for names in getattr(type(train_args), "_plugin_fields", {}).values() for n in names]
 
 
 def _is_checkpoint(output_dir: str) -> bool:

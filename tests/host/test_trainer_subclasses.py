@@ -1,0 +1,93 @@
+"""The mixin in front of a real Trainer subclass from the ecosystem, TRL's SFTTrainer, which rebuilds any
+TrainingArguments that is not its own SFTConfig: the plugins' flags must reach it through
+``arguments_class(base=SFTConfig)``, and plain plugin arguments get one clear error instead of TRL's TypeError."""
+
+import pickle
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+
+from trainer_plugins import ConfigError, PluginsMixin, PluginTrainingArguments, arguments
+from trainer_plugins.arguments import arguments_class
+
+
+class PluginSFTTrainer(PluginsMixin, SFTTrainer):
+    pass
+
+
+def sft_run(tiny_model_dir, args):
+    torch.manual_seed(0)
+    texts = [f"def add_{i}(x):\n    return x + {i}\n" for i in range(16)]
+    return PluginSFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
+                            train_dataset=Dataset.from_dict({"text": texts}),
+                            processing_class=AutoTokenizer.from_pretrained(tiny_model_dir))
+
+
+def settings(tmp_path, **extra):
+    return dict(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, logging_steps=1,
+                report_to=[], use_cpu=True, seed=0, learning_rate=1e-3, save_strategy="no", disable_tqdm=True,
+                max_length=64, **extra)
+
+
+def test_sft_trainer_trains_with_a_plugin_from_sft_config_flags(tmp_path, tiny_model_dir):
+    from trainer_plugins_apollo.optimizer import APOLLO
+
+    Args = arguments_class(base=SFTConfig)
+    args = Args(**settings(tmp_path, apollo="mini", apollo_update_proj_gap=2))
+    assert isinstance(args, SFTConfig) and Args.__name__ == "PluginSFTConfig"
+    trainer = sft_run(tiny_model_dir, args)
+    assert trainer.args is args  # TRL kept its own class, flags included
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    optimizer = trainer.optimizer.optimizer
+    assert isinstance(optimizer, APOLLO)
+    assert any(g.get("rank") == 1 and g.get("scale_type") == "tensor" for g in optimizer.param_groups)  # Mini
+    moved = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
+    assert "model.layers.0.mlp.down_proj.weight" in moved and len(moved) == len(before)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    assert any("peak_mem_gib" in h for h in trainer.state.log_history)  # the host's own metrics hook ran
+
+
+def test_plain_plugin_arguments_get_one_clear_error_from_sft_trainer(tmp_path, tiny_model_dir):
+    args = PluginTrainingArguments(**{k: v for k, v in settings(tmp_path, apollo="mini").items() if k != "max_length"})
+    with pytest.raises(ConfigError, match=r"PluginSFTTrainer rebuilds the training arguments as its own class, "
+                                          r"which has no plugin flag '.*'.*arguments_class\(base=SFTConfig\)"):
+        sft_run(tiny_model_dir, args)
+
+
+def test_sft_arguments_pickle_back_to_their_class_in_a_fresh_process(tmp_path, monkeypatch):
+    """The Trainer saves its arguments with torch.save; a fresh process rebuilds the class from its base's name."""
+    args = arguments_class(base=SFTConfig)(**settings(tmp_path, apollo="mini", apollo_rank=4))
+    blob = pickle.dumps(args)
+    monkeypatch.setattr(arguments, "_CLASSES", {})  # as in a process that never built it
+    back = pickle.loads(blob)
+    assert type(back).__name__ == "PluginSFTConfig" and isinstance(back, SFTConfig)
+    assert (back.apollo, back.apollo_rank, back.max_length) == ("mini", 4, 64)
+
+
+def test_a_base_that_is_not_training_arguments_is_refused():
+    with pytest.raises(ConfigError, match="base must be TrainingArguments or a subclass"):
+        arguments_class(base=dict)
+
+
+def test_a_subclass_that_drops_the_flags_quietly_is_caught(tmp_path):
+    """A Trainer subclass that swaps the arguments for a plain TrainingArguments would train without the plugin."""
+    from transformers import LlamaForCausalLM, Trainer, TrainingArguments
+
+    from trainer_plugins.models import tiny_llama_config
+
+    class OwnArguments(Trainer):
+        def __init__(self, model, args, **kwargs):
+            super().__init__(model, TrainingArguments(output_dir=args.output_dir, use_cpu=True, report_to=[]), **kwargs)
+
+    class Mixed(PluginsMixin, OwnArguments):
+        pass
+
+    args = PluginTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], apollo="mini")
+    with pytest.raises(ConfigError, match="Mixed rebuilds the training arguments as its own class, which has no "
+                                          "plugin flag 'apollo"):
+        Mixed(LlamaForCausalLM(tiny_llama_config()), args)
