@@ -2,6 +2,7 @@
 TrainingArguments that is not its own SFTConfig: the plugins' flags must reach it through
 ``arguments_class(base=SFTConfig)``, and plain plugin arguments get one clear error instead of TRL's TypeError."""
 
+import json
 import pickle
 
 import pytest
@@ -50,6 +51,32 @@ def test_sft_trainer_trains_with_a_plugin_from_sft_config_flags(tmp_path, tiny_m
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     assert any("peak_mem_gib" in h for h in trainer.state.log_history)  # the host's own metrics hook ran
+
+
+# TRL's SFTConfig turns activation checkpointing on by default, which LST and MEFT refuse (it would re-run work
+# they already avoid): their users say gradient_checkpointing false, as here.
+EACH_PLUGIN = {
+    "lst": (dict(lst=True, gradient_checkpointing=False), ["lst_side.safetensors", "lst_config.json"]),
+    "loram": (dict(loram="lora", loram_ratio=0.5, loram_keep_first_layers=0, loram_keep_last_layers=0),
+              ["adapter_model.safetensors", "loram_pruning.safetensors"]),
+    "meft": (dict(meft="meft1", gradient_checkpointing=False), ["adapter_model.safetensors", "meft_config.json"]),
+    "sparse": (dict(sparse="magnitude", sparse_final_sparsity=0.5, sparse_timing="step", sparse_start=1,
+                    sparse_end=2, sparse_every=1), ["model.safetensors", "sparsity.json"]),
+}
+
+
+@pytest.mark.parametrize("plugin", list(EACH_PLUGIN))
+def test_each_plugin_trains_and_saves_its_output_under_sft_trainer(tmp_path, tiny_model_dir, plugin):
+    flags, files = EACH_PLUGIN[plugin]
+    trainer = sft_run(tiny_model_dir, arguments_class(base=SFTConfig)(**settings(tmp_path, **flags)))
+    trainer.train()
+    trainer.save_model()
+    assert trainer.plugins_banner().startswith(f"trainer-plugins 0.1.0: enabled: {plugin}-")
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    assert all((tmp_path / f).is_file() for f in files), sorted(p.name for p in tmp_path.iterdir())
+    if plugin == "sparse":  # pruned by the schedule during SFT's steps, not only configured
+        assert json.loads((tmp_path / "sparsity.json").read_text())["sparsity"] == pytest.approx(0.5, abs=1e-5)
 
 
 def test_plain_plugin_arguments_get_one_clear_error_from_sft_trainer(tmp_path, tiny_model_dir):
