@@ -65,6 +65,7 @@ EACH_PLUGIN = {
 }
 
 
+@pytest.mark.latest_only  # the mixin and TRL meet in the tests above on both transformers; this is the breadth
 @pytest.mark.parametrize("plugin", list(EACH_PLUGIN))
 def test_each_plugin_trains_and_saves_its_output_under_sft_trainer(tmp_path, tiny_model_dir, plugin):
     flags, files = EACH_PLUGIN[plugin]
