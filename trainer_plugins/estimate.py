@@ -498,11 +498,12 @@ def estimate_recipe(recipe, world_size: Optional[int] = None, mixed_precision: O
 
     if recipe.model_config is None:
         raise ConfigError("estimate needs the model's config (load the recipe with load_config=True)")
-    split = {d: n for d, n in parallelism_sizes(args).items() if d != "dp_shard"}
+    sizes = parallelism_sizes(args)
+    split = {d: n for d, n in sizes.items() if d != "dp_shard"}
     if split:
         raise ConfigError("estimate models one process, DDP and DeepSpeed ZeRO-1/2/3, not tensor, context or "
                           f"sequence parallelism ({', '.join(f'{d}_size {n}' for d, n in split.items())})")
-    if uses_fsdp(args) or parallelism_sizes(args):
+    if uses_fsdp(args) or sizes:  # dp_shard alone: FSDP2
         raise ConfigError("estimate models one process, DDP and DeepSpeed ZeRO-1/2/3, not FSDP; FSDP's full "
                           "sharding keeps about what ZeRO-3 keeps: estimate with --deepspeed recipes/deepspeed/zero3.json")
     with _no_zero3_init():

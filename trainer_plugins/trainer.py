@@ -1,8 +1,9 @@
 """``PluginsMixin``: calls the plugins' hooks at the right points of a ``transformers.Trainer``.
 
 Mix it in front of any Trainer subclass (``class MySFT(PluginsMixin, SFTTrainer)``, with arguments from
-``arguments_class(base=SFTConfig)``); ``PluginTrainer`` is ``PluginsMixin + Trainer``. Only public or long-stable Trainer methods are
-overridden: ``__init__``, ``create_optimizer``, ``train``, ``log``, ``save_model`` and ``_save``.
+``arguments_class(base=SFTConfig)``); ``PluginTrainer`` is ``PluginsMixin + Trainer``. Only public or
+long-stable Trainer methods are overridden: ``__init__``, ``create_optimizer``, ``train``, ``log``,
+``save_model`` and ``_save``.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class PluginsMixin:
                 raise ConfigError(self._own_arguments_class_hint(flag.group(1))) from exc
             raise
         lost = [n for n in _plugin_flags(train_args) if not hasattr(self.args, n)]
-        if lost:  # a subclass replaced the arguments with its own class and kept what it knows
+        if lost and set(host.enabled(train_args)) - {BUILTIN}:  # a subclass swapped the arguments for its own
             raise ConfigError(self._own_arguments_class_hint(lost[0]))
 
     def _own_arguments_class_hint(self, flag: str) -> str:
