@@ -146,6 +146,20 @@ class PluginHost:
                           f"{', '.join(cell_label(c) for c in CELLS if c in works)})")
         self._check_pairs(enabled, cell_of(setup))
 
+    def check_model(self, args: Any, model: Any = None, peft_config: Any = None) -> None:
+        """A plugin that builds its trainable part itself (``PluginSpec.plain_model``) refuses a model already
+        wrapped by peft (a PeftModel, or adapters loaded through transformers' ``load_adapter``) and a trainer's
+        own ``peft_config`` (TRL), which would wrap the model again around the plugin's. Raises ConfigError."""
+        wrapped = bool(getattr(model, "peft_config", None))  # PeftModel, or adapters loaded into the model
+        if not (wrapped or peft_config is not None):
+            return
+        what = "a model already wrapped by peft" if wrapped else "the trainer's peft_config"
+        fix = "pass the plain transformers model" if wrapped else "drop peft_config"
+        for name in self.enabled(args):
+            why = self.specs[name].plain_model
+            if why:
+                raise PluginConfigError(name, f"cannot train {what}: {why}; {fix}")
+
     def _check_pairs(self, enabled: list[str], cell: str) -> None:
         """Two plugins enabled together must be declared tested together (``works_with``) in this cell."""
         for i, a in enumerate(enabled):

@@ -59,6 +59,9 @@ class PluginSpec:
     evidence:    cell (or "<other plugin>@<cell>" for a pair) -> the test that proves it works, as
                  "path/to/test_file.py::test_name[params]" (shown in ``trainer-plugins matrix``).
     always_on:   enabled without a switch (the host's own built-in plugin).
+    plain_model: why the plugin must be handed the plain transformers model, when it builds its trainable part
+                 itself: a model already wrapped by peft (or TRL's ``peft_config``) is then refused with this
+                 reason. Empty: the plugin trains whatever model it is given (e.g. an optimizer).
     """
 
     name: str
@@ -71,6 +74,7 @@ class PluginSpec:
     works_with: Mapping[str, frozenset] = field(default_factory=dict)
     evidence: Mapping[str, str] = field(default_factory=dict)
     always_on: bool = False
+    plain_model: str = ""
 
     def problems(self) -> list[str]:
         """Mistakes in the declaration itself (reported as a broken plugin)."""

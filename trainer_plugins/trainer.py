@@ -25,9 +25,12 @@ from .spec import deepspeed_stage, run_setup  # noqa: F401  (re-exported: plugin
 logger = logging.getLogger("trainer_plugins")
 
 
-def validate_run(host: PluginHost, args: Any, model_args: Any = None, model_config: Any = None, model: Any = None):
-    """Everything that must hold before weights are loaded: declared needs, then each plugin's validate."""
+def validate_run(host: PluginHost, args: Any, model_args: Any = None, model_config: Any = None, model: Any = None,
+                 peft_config: Any = None):
+    """Everything that must hold before weights are loaded (or, given a loaded model, before a plugin touches
+    it): declared needs, then each plugin's validate."""
     host.check(args, run_setup(args, model=model, model_args=model_args))
+    host.check_model(args, model=model, peft_config=peft_config)
     host.call("validate", args, model_args=model_args, model_config=model_config)
 
 
@@ -41,7 +44,7 @@ class PluginsMixin:
         self.plugin_host = host = plugin_host or getattr(train_args, "_host", None) or get_host()
         if train_args is not None:
             config = getattr(model, "config", None)
-            validate_run(host, train_args, model_config=config, model=model)
+            validate_run(host, train_args, model_config=config, model=model, peft_config=kwargs.get("peft_config"))
             if model is not None:
                 model = host.pipe("prepare_model", train_args, "model", model)
                 if "model" in kwargs or not args:

@@ -57,6 +57,40 @@ def test_parity_with_apollo_torch(scale_type, limiter, scale_front):
     assert (ours_m[0] - make_params()[0][0]).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("scale_type", ["channel", "tensor"])
+def test_a_weight_whose_first_gradients_are_zero_still_trains(scale_type):
+    """LoRA's A gets zero gradients while B is still zero, an MoE expert while no token reaches it. apollo-torch's
+    limiter takes that zero as its reference and holds the weight near 1e-8 x 1.01^t for good; ours lets the
+    first nonzero update through, and a zero step later in the run keeps the reference it had."""
+    from apollo_torch import APOLLOAdamW
+
+    rank, scale = (4, 2.0) if scale_type == "channel" else (1, 128.0)
+
+    def train(optimizer_class, silent_steps, **kw):
+        mats, bias = make_params()
+        start = [m.detach().clone() for m in mats]
+        param_groups = groups(mats, bias, rank=rank, scale=scale, scale_type=scale_type)
+        param_groups[1]["weight_decay"] = 0.0  # only the update moves the weights
+        opt = optimizer_class(param_groups, lr=1e-3, **kw)
+        references = []
+        for step in range(20):
+            feed(mats + [bias], step)
+            if step in silent_steps:
+                mats[0].grad.zero_()
+            opt.step()
+            references.append(opt.state[mats[0]].get("limiter_norm"))
+        return [float((m - s).norm()) for m, s in zip(mats, start)], references
+
+    ours, _ = train(APOLLO, silent_steps={0, 1})
+    theirs, _ = train(APOLLOAdamW, silent_steps={0, 1})
+    undisturbed, _ = train(APOLLO, silent_steps=set())
+    assert theirs[0] < 1e-5 < undisturbed[0]  # the freeze this guards against
+    assert ours[0] > 0.5 * undisturbed[0]
+    assert ours[1:] == pytest.approx(theirs[1:], rel=1e-5)  # other weights: apollo-torch's numbers
+    _, references = train(APOLLO, silent_steps={10})
+    assert torch.equal(references[10], references[9]) and references[9] > 0
+
+
 def run(opt, params, steps, start=0):
     for step in range(start, start + steps):
         feed(params, step)

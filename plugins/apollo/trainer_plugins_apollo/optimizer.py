@@ -21,7 +21,10 @@ norms, biases, lm_head) run AdamW in the same optimizer. The arithmetic follows 
 - the state is only tensors and ints (the seed of the current projection window, not a projector
   object), so torch.load(weights_only=True) reads it and resume is exact: the projection is redrawn
   from the stored seed;
-- moment and AdamW arithmetic is batched over parameters with torch._foreach_* kernels.
+- moment and AdamW arithmetic is batched over parameters with torch._foreach_* kernels;
+- a zero update never becomes the limiter's reference (see _growth_limiter): apollo-torch's would hold a
+  weight whose first gradient was zero (LoRA's A while B is still zero, an MoE expert no token reached) at
+  ~1e-8 x 1.01^t forever. Nonzero gradients give apollo-torch's numbers exactly.
 """
 
 from __future__ import annotations
@@ -208,9 +211,8 @@ class APOLLO(torch.optim.Optimizer):
                 if self.scale_front:
                     update_norm = update_norm * alpha
                 if "limiter_norm" in state:
-                    limiter = torch.clamp(update_norm / (state["limiter_norm"] + 1e-8), min=1.01) / 1.01
+                    limiter, state["limiter_norm"] = _growth_limiter(update_norm, state["limiter_norm"])
                     coef = coef / limiter
-                    state["limiter_norm"] = update_norm / limiter
                 else:
                     state["limiter_norm"] = update_norm.clone()
             p.addcmul_(g, (factor * coef).to(p.dtype))
@@ -230,9 +232,9 @@ class APOLLO(torch.optim.Optimizer):
                 update_norm = update_norm * alpha
             if "limiter_norm" in states[0]:
                 previous = [s["limiter_norm"] for s in states]
-                limiter = torch.clamp(update_norm / (torch.stack(previous) + 1e-8), min=1.01) / 1.01
+                limiter, reference = _growth_limiter(update_norm, torch.stack(previous))
                 coef = coef / limiter
-                torch._foreach_copy_(previous, list((update_norm / limiter).unbind()))
+                torch._foreach_copy_(previous, list(reference.unbind()))
             else:
                 for s, value in zip(states, update_norm.unbind()):
                     s["limiter_norm"] = value.clone()  # its own tensor in the state, as the loop stores it
@@ -285,6 +287,17 @@ def _adam_moments(group: dict, states: list[dict], xs: list[torch.Tensor]):
     denom = torch._foreach_sqrt(v)
     torch._foreach_add_(denom, group["eps"])
     return m, denom
+
+
+def _growth_limiter(update_norm: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(divisor of the update, next reference) of the norm-growth limiter: the update's norm may exceed the
+    reference by at most 1.01x. A zero reference is none (the update goes through and becomes the reference)
+    and a zero update keeps the old one, so a weight whose gradient was zero for a step is not frozen after it,
+    as apollo-torch's limiter would freeze it. Elementwise, no host sync; nonzero norms give apollo-torch's
+    values exactly."""
+    limiter = torch.clamp(update_norm / (reference + 1e-8), min=1.01) / 1.01
+    limiter = torch.where(reference > 0, limiter, torch.ones_like(limiter))
+    return limiter, torch.where(update_norm > 0, update_norm / limiter, reference)
 
 
 def _norm(x: torch.Tensor, dim: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from .optimizer import _adam_moments, _step_size, next_seed, projection
+from .optimizer import _adam_moments, _growth_limiter, _step_size, next_seed, projection
 
 
 def step_shard(optimizer, group: dict, shard) -> None:
@@ -106,9 +106,8 @@ def step_shard(optimizer, group: dict, shard) -> None:
             if optimizer.scale_front:
                 update_norm = update_norm * alpha
             if "limiter_norm" in w.state:
-                limiter = torch.clamp(update_norm / (w.state["limiter_norm"] + 1e-8), min=1.01) / 1.01
+                limiter, w.state["limiter_norm"] = _growth_limiter(update_norm, w.state["limiter_norm"])
                 coef = coef / limiter
-                w.state["limiter_norm"] = update_norm / limiter
             else:
                 w.state["limiter_norm"] = update_norm.clone()
         w.apply(flat, (w.factor * coef).to(flat.dtype))

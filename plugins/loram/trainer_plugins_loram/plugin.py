@@ -82,6 +82,8 @@ def plugin_spec():
         arguments=LoramArguments,
         description="LoRAM: train LoRA on a pruned model, recover it to full size, merge into the original (QLoRAM: 4-bit)",
         requires={"peft": "peft>=0.13"},
+        plain_model=("LoRAM prunes the base model, trains its own LoRA on the pruned copy (loram_lora_r, "
+                     "loram_target_modules) and recovers it to the full model"),
         conflicts={"meft": "meft makes the full model reversible; loram trains LoRA on a pruned copy",
                    "lst": "lst trains a side network; loram trains LoRA on a pruned copy",
                    "sparse": "sparse prunes during full training; loram prunes once before training a LoRA"},

@@ -82,6 +82,7 @@ def plugin_spec():
             "zero2+4bit": "tests/plugins/test_lst.py::test_4bit_backbone_with_two_processes_equals_one_process[2]",
             "zero3+4bit": "tests/plugins/test_lst.py::test_4bit_backbone_with_two_processes_equals_one_process[3]",
         },
+        plain_model="LST freezes the whole backbone and trains a side network of its own beside it",
         conflicts={
             "meft": "MEFT makes the backbone's own layers trainable and reversible; LST freezes them",
             "loram": "LoRAM trains LoRA inside the (pruned) backbone; LST freezes the backbone",

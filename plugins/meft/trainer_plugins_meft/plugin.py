@@ -64,6 +64,8 @@ def plugin_spec():
             "ddp+4bit": "tests/plugins/test_meft.py::test_4bit_base_with_two_processes_equals_one_process[ddp]",
             "zero2+4bit": "tests/plugins/test_meft.py::test_4bit_base_with_two_processes_equals_one_process[2]",
         },
+        plain_model=("MEFT makes the model reversible and adds its own adapters through peft (meft_lora_r, "
+                     "meft_adapter_dim)"),
         conflicts={"apollo": "MEFT trains adapters; APOLLO is a full-parameter optimizer"},
     )
 

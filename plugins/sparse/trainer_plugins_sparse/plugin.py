@@ -66,6 +66,7 @@ def plugin_spec():
         arguments=SparseArguments,
         description="Sparse pre-training: gradual magnitude pruning schedules with average-parameter accounting",
         # A 4-bit base is frozen: there is nothing to prune during training.
+        plain_model="sparse prunes the weights being trained, which a peft adapter freezes",
         conflicts={"meft": "meft trains adapters on a frozen base; sparse prunes the weights being trained",
                    "loram": "loram prunes structurally before training a LoRA; sparse prunes during full training",
                    "lst": "lst trains a side network on a frozen backbone; sparse prunes the weights being trained"},
