@@ -1,6 +1,7 @@
-"""The mixin in front of a real Trainer subclass from the ecosystem, TRL's SFTTrainer, which rebuilds any
-TrainingArguments that is not its own SFTConfig: the plugins' flags must reach it through
-``arguments_class(base=SFTConfig)``, and plain plugin arguments get one clear error instead of TRL's TypeError."""
+"""The mixin in front of real Trainer subclasses from the ecosystem, TRL's SFTTrainer and DPOTrainer, which rebuild
+any TrainingArguments that is not their own config: the plugins' flags must reach them through
+``arguments_class(base=SFTConfig)`` (or DPOConfig), and plain plugin arguments get one clear error instead of TRL's
+TypeError."""
 
 import json
 import pickle
@@ -9,7 +10,7 @@ import pytest
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import SFTConfig, SFTTrainer
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from trainer_plugins import ConfigError, PluginsMixin, PluginTrainingArguments, arguments
 from trainer_plugins.arguments import arguments_class
@@ -78,6 +79,36 @@ def test_each_plugin_trains_and_saves_its_output_under_sft_trainer(tmp_path, tin
     assert all((tmp_path / f).is_file() for f in files), sorted(p.name for p in tmp_path.iterdir())
     if plugin == "sparse":  # pruned by the schedule during SFT's steps, not only configured
         assert json.loads((tmp_path / "sparsity.json").read_text())["sparsity"] == pytest.approx(0.5, abs=1e-5)
+
+
+class PluginDPOTrainer(PluginsMixin, DPOTrainer):
+    pass
+
+
+@pytest.mark.latest_only
+@pytest.mark.parametrize("plugin", ["apollo", *EACH_PLUGIN])
+def test_each_plugin_trains_and_saves_its_output_under_dpo_trainer(tmp_path, tiny_model_dir, plugin):
+    """DPO builds its reference from the model it is handed: the plugin's model (LST's side network, LoRAM's and
+    MEFT's adapters, which DPO turns off for the reference) is the policy, and the preference loss trains it."""
+    flags, files = EACH_PLUGIN.get(plugin, (dict(apollo="mini"), ["model.safetensors"]))
+    rows = [{"prompt": f"def add_{i}(x):", "chosen": f" return x + {i}", "rejected": f" return x - {i}"}
+            for i in range(16)]
+    torch.manual_seed(0)
+    trainer = PluginDPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                               args=arguments_class(base=DPOConfig)(**settings(tmp_path, **flags)),
+                               train_dataset=Dataset.from_list(rows),
+                               processing_class=AutoTokenizer.from_pretrained(tiny_model_dir))
+    trainer.train()
+    trainer.save_model()
+    assert trainer.plugins_banner().startswith(f"trainer-plugins 0.1.0: enabled: {plugin}-")
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 4 and losses[0] == pytest.approx(0.6931, abs=1e-3)  # ln 2: policy = reference at first
+    assert min(losses[1:]) < losses[0]  # the policy moved away from the reference
+    assert all((tmp_path / f).is_file() for f in files), sorted(p.name for p in tmp_path.iterdir())
+    if plugin == "apollo":
+        from trainer_plugins_apollo.optimizer import APOLLO
+
+        assert isinstance(trainer.optimizer.optimizer, APOLLO)
 
 
 def test_plain_plugin_arguments_get_one_clear_error_from_sft_trainer(tmp_path, tiny_model_dir):
