@@ -33,7 +33,7 @@ def plugin_info(host=None) -> list[dict]:
             "hooks": host.hooks_of(name), "flags": flags, "supports": sorted(spec.supports),
             "works_with": {k: ", ".join(c for c in CELLS if c in v) for k, v in spec.works_with.items()},
             "requires": {m: {"pip": r, "installed": importable(m)} for m, r in spec.requires.items()},
-            "conflicts": dict(spec.conflicts), "run_after": list(spec.run_after),
+            "conflicts": dict(spec.conflicts), "run_after": list(spec.run_after), "plain_model": spec.plain_model,
         })
     for name, why in sorted(host.failed.items()):
         out.append({"name": name, "version": host.versions.get(name), "status": f"failed: {why}"})
@@ -61,6 +61,8 @@ def cmd_list(ns) -> int:
         print(f"    supports: single process, {', '.join(p['supports']) or '-'}")
         if p["works_with"]:
             print(f"    tested together with: {', '.join(f'{k} ({c})' for k, c in p['works_with'].items())}")
+        if p["plain_model"]:
+            print(f"    needs the plain model (refuses one peft already wrapped): {p['plain_model']}")
         for m, r in p["requires"].items():
             print(f"    requires {m} ({r['pip']}): {'installed' if r['installed'] else 'MISSING'}")
         for f in p["flags"]:

@@ -70,3 +70,12 @@ def test_trls_peft_config_is_refused_by_a_plugin_that_brings_its_own_adapters(tm
                          train_dataset=Dataset.from_dict({"text": ["def f(x):\n    return x\n"] * 8}),
                          processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
                          peft_config=LoraConfig(r=4, target_modules=["q_proj"]))
+
+
+def test_list_says_which_plugins_need_the_plain_model(capsys):
+    from trainer_plugins.cli import main, plugin_info
+
+    info = {p["name"]: p for p in plugin_info()}
+    assert all(info[name]["plain_model"] for name in SWITCH) and info["apollo"]["plain_model"] == ""
+    assert main(["list"]) == 0
+    assert capsys.readouterr().out.count("needs the plain model (refuses one peft already wrapped): ") == len(SWITCH)
