@@ -23,11 +23,14 @@ from trainer_plugins.zero import zero_layout  # noqa: E402
 from trainer_plugins_apollo.optimizer import APOLLO, apollo_param_groups  # noqa: E402
 from helpers import exit_worker  # noqa: E402
 
-# (name, apollo group settings): channel (rank 3, refresh every 2 steps) and tensor (Mini), limiter on/off
+# (name, apollo group settings): channel (rank 3, refresh every 2 steps) and tensor (Mini), limiter on/off, and
+# a rank above one weight's smaller side
 CONFIGS = {
     "channel": dict(rank=3, scale=1.0, scale_type="channel", update_proj_gap=2, limiter=True),
     "channel-nolimit": dict(rank=3, scale=1.0, scale_type="channel", update_proj_gap=2, limiter=False),
     "mini": dict(rank=1, scale=128.0, scale_type="tensor", update_proj_gap=2, limiter=True),
+    # rank 10 is above the 7-row weight's smaller side: its projection is capped at 7 (projection_rank)
+    "channel-rank-above-a-side": dict(rank=10, scale=1.0, scale_type="channel", update_proj_gap=2, limiter=True),
 }
 STEPS, BATCH = 6, 8
 

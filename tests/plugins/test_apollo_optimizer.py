@@ -91,6 +91,28 @@ def test_a_weight_whose_first_gradients_are_zero_still_trains(scale_type):
     assert torch.equal(references[10], references[9]) and references[9] > 0
 
 
+def test_the_projection_never_exceeds_a_weights_smaller_side():
+    """A LoRA A (r x n) under APOLLO rank 256, or a small k_proj: apollo-torch projects the smaller side up to the
+    rank, so its moments outgrow Adam's. Ours caps the projection at that side: never more state than Adam."""
+    from apollo_torch import APOLLOAdamW
+
+    def state_numel(optimizer_class, rank):
+        g = torch.Generator().manual_seed(0)
+        weights = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(4, 40), (40, 6), (32, 32)]]
+        opt = optimizer_class([{"params": weights, "rank": rank, "update_proj_gap": 10, "scale": 1.0,
+                                "scale_type": "channel", "proj": "random", "proj_type": "std"}], lr=1e-3)
+        before = [w.detach().clone() for w in weights]
+        for step in range(3):
+            feed(weights, step)
+            opt.step()
+        assert all(not torch.equal(w, b) for w, b in zip(weights, before))
+        return [sum(t.numel() for k, t in opt.state[w].items() if k in ("exp_avg", "exp_avg_sq")) for w in weights]
+
+    assert state_numel(APOLLO, 16) == [2 * 4 * 40, 2 * 40 * 6, 2 * 32 * 16]  # capped at 4 and 6; 16 < 32
+    assert state_numel(APOLLOAdamW, 16) == [2 * 16 * 40, 2 * 40 * 16, 2 * 32 * 16]  # what the cap avoids
+    assert state_numel(APOLLO, 4) == state_numel(APOLLOAdamW, 4)  # below every side: the same
+
+
 def run(opt, params, steps, start=0):
     for step in range(start, start + steps):
         feed(params, step)

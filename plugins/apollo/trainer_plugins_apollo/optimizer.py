@@ -22,6 +22,7 @@ norms, biases, lm_head) run AdamW in the same optimizer. The arithmetic follows 
   object), so torch.load(weights_only=True) reads it and resume is exact: the projection is redrawn
   from the stored seed;
 - moment and AdamW arithmetic is batched over parameters with torch._foreach_* kernels;
+- the projection rank is capped at the weight's smaller side (projection_rank);
 - a zero update never becomes the limiter's reference (see _growth_limiter): apollo-torch's would hold a
   weight whose first gradient was zero (LoRA's A while B is still zero, an MoE expert no token reached) at
   ~1e-8 x 1.01^t forever. Nonzero gradients give apollo-torch's numbers exactly.
@@ -45,9 +46,18 @@ def next_seed(seed: int) -> int:
     return int(torch.randint(0, torch.iinfo(torch.int64).max, (_SEED_ADVANCE,), generator=g)[-1])
 
 
+def projection_rank(shape: tuple[int, int], rank: int) -> int:
+    """The rank a weight is projected to: at most its smaller side. apollo-torch projects a smaller side UP to the
+    group's rank (a LoRA A of 16 rows under rank 256: moments 16x the size of Adam's); capped, the moments are
+    never larger than Adam's."""
+    return min(rank, *shape)
+
+
 def projection(shape: tuple[int, int], rank: int, seed: int, device, dtype) -> torch.Tensor:
-    """P for a weight of ``shape``: (rank, n) when m >= n, else (m, rank); fp32 draws, then ``dtype``."""
+    """P for a weight of ``shape``: (r, n) when m >= n, else (m, r), r = projection_rank(shape, rank); fp32
+    draws, then ``dtype``."""
     m, n = shape
+    rank = projection_rank(shape, rank)
     size = (rank, n) if m >= n else (m, rank)
     if torch.device(device).type == "meta":  # a memory estimate: only the shape matters
         return torch.empty(size, device=device, dtype=dtype)

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from .optimizer import _adam_moments, _growth_limiter, _step_size, next_seed, projection
+from .optimizer import _adam_moments, _growth_limiter, _step_size, next_seed, projection, projection_rank
 
 
 def step_shard(optimizer, group: dict, shard) -> None:
@@ -178,11 +178,12 @@ def _reduce_shared_r(shard, cut, weights, rank, flat) -> None:
     for index, _, shape, spans in cut:
         m, n = shape
         w = weights.get(index)
+        r = projection_rank(shape, rank)
         if m < n:
-            parts.append(w.r if w is not None else torch.zeros(rank, n, dtype=flat.dtype, device=flat.device))
+            parts.append(w.r if w is not None else torch.zeros(r, n, dtype=flat.dtype, device=flat.device))
             continue
         rows = _shared_rows(shape, spans)
-        block = torch.zeros(len(rows), rank, dtype=flat.dtype, device=flat.device)
+        block = torch.zeros(len(rows), r, dtype=flat.dtype, device=flat.device)
         if w is not None:
             for k, row in enumerate(rows):
                 if w.row_lo <= row <= w.row_hi:
