@@ -154,7 +154,8 @@ class PluginHost:
         if not (wrapped or peft_config is not None):
             return
         what = "a model already wrapped by peft" if wrapped else "the trainer's peft_config"
-        fix = "pass the plain transformers model" if wrapped else "drop peft_config"
+        fix = ("pass the plain transformers model (load it again if an earlier trainer prepared this one: it was "
+               "changed in place)") if wrapped else "drop peft_config"
         for name in self.enabled(args):
             why = self.specs[name].plain_model
             if why:

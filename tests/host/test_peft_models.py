@@ -30,10 +30,22 @@ def test_a_plugin_that_builds_its_own_trainable_part_refuses_a_peft_model(tmp_pa
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = PluginTrainingArguments(output_dir=str(tmp_path), **COMMON, **SWITCH[plugin])
     with pytest.raises(PluginConfigError, match=rf"plugin '{plugin}': cannot train a model already wrapped by peft: "
-                                                rf".+; pass the plain transformers model$"):
+                                                rf".+; pass the plain transformers model \(load it again"):
         PluginTrainer(model=model, args=args, train_dataset=counting_dataset())
     after = dict(model.named_parameters())  # refused before prepare_model touched it
     assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
+
+
+@pytest.mark.parametrize("plugin", ["loram", "meft"])
+def test_a_model_an_earlier_trainer_prepared_is_refused_as_wrapped(tmp_path, plugin):
+    """A notebook cell run twice: loram and meft change the model object in place (pruned, adapters injected)."""
+    model = tiny_llama()
+    flags = dict(SWITCH[plugin], loram_ratio=0.5, loram_keep_first_layers=0, loram_keep_last_layers=0) \
+        if plugin == "loram" else SWITCH[plugin]
+    args = PluginTrainingArguments(output_dir=str(tmp_path), **COMMON, **flags)
+    PluginTrainer(model=model, args=args, train_dataset=counting_dataset()).train()
+    with pytest.raises(PluginConfigError, match=r"already wrapped by peft: .+ \(load it again if an earlier trainer"):
+        PluginTrainer(model=model, args=args, train_dataset=counting_dataset())
 
 
 def test_adapters_loaded_through_transformers_count_as_wrapped(tmp_path):
