@@ -22,15 +22,26 @@ def keep(sparsity):
     return lambda numel: keep_count(numel, sparsity)
 
 
-@pytest.mark.parametrize("digit_bits", [None, 8, 11, 16])  # radix digit widths: the same selection
-def test_global_magnitude_keeps_exactly_the_largest(digit_bits):
+# radix digit widths and histogram lanes (a GPU's default: 8 bits, 16 lanes): the same selection
+@pytest.mark.parametrize("digit_bits, lanes", [(None, None), (8, None), (11, None), (16, None), (8, 16), (11, 4)])
+def test_global_magnitude_keeps_exactly_the_largest(digit_bits, lanes):
     params = weights((16, 24), (40, 8), (5, 7))
     before = torch.cat([p.detach().abs().view(-1) for p in params])
     n_keep = keep_count(before.numel(), 0.37)
-    pruner(params, digit_bits=digit_bits).prune(keep(0.37))
+    pruner(params, digit_bits=digit_bits, lanes=lanes).prune(keep(0.37))
     after = torch.cat([p.detach().view(-1) for p in params])
     assert int((after != 0).sum()) == n_keep
     assert torch.equal((after != 0), before >= before.topk(n_keep).values.min())
+
+
+def test_a_histogram_in_lanes_equals_bincount():
+    from trainer_plugins_sparse.pruning import _histogram
+
+    values = torch.randint(0, 5, (1001,), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    for lanes in (1, 2, 16):
+        assert torch.equal(_histogram(values, 257, lanes), torch.bincount(values, minlength=257))
+    with pytest.raises(ValueError, match="lanes must be a power of two"):
+        pruner(weights((4, 4)), lanes=3)
 
 
 class CountingComm(Comm):
