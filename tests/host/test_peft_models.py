@@ -14,7 +14,9 @@ from helpers import counting_dataset, losses, tiny_llama
 from trainer_plugins import PluginConfigError, PluginsMixin, PluginTrainer, PluginTrainingArguments
 from trainer_plugins.arguments import arguments_class
 
-SWITCH = {"lst": dict(lst=True), "loram": dict(loram="lora", loram_importance="magnitude"),
+SWITCH = {"lst": dict(lst=True),
+          "loram": dict(loram="lora", loram_importance="magnitude", loram_ratio=0.5, loram_keep_first_layers=0,
+                        loram_keep_last_layers=0),
           "meft": dict(meft="meft1"), "sparse": dict(sparse="magnitude")}
 COMMON = dict(max_steps=2, per_device_train_batch_size=4, logging_steps=1, report_to=[], use_cpu=True, seed=0,
               save_strategy="no", disable_tqdm=True)
@@ -40,9 +42,7 @@ def test_a_plugin_that_builds_its_own_trainable_part_refuses_a_peft_model(tmp_pa
 def test_a_model_an_earlier_trainer_prepared_is_refused_as_wrapped(tmp_path, plugin):
     """A notebook cell run twice: loram and meft change the model object in place (pruned, adapters injected)."""
     model = tiny_llama()
-    flags = dict(SWITCH[plugin], loram_ratio=0.5, loram_keep_first_layers=0, loram_keep_last_layers=0) \
-        if plugin == "loram" else SWITCH[plugin]
-    args = PluginTrainingArguments(output_dir=str(tmp_path), **COMMON, **flags)
+    args = PluginTrainingArguments(output_dir=str(tmp_path), **COMMON, **SWITCH[plugin])
     PluginTrainer(model=model, args=args, train_dataset=counting_dataset()).train()
     with pytest.raises(PluginConfigError, match=r"already wrapped by peft: .+ \(load it again if an earlier trainer"):
         PluginTrainer(model=model, args=args, train_dataset=counting_dataset())

@@ -79,7 +79,7 @@ def test_a_weight_whose_first_gradients_are_zero_still_trains(scale_type):
                 mats[0].grad.zero_()
             opt.step()
             references.append(opt.state[mats[0]].get("limiter_norm"))
-        return [float((m - s).norm()) for m, s in zip(mats, start)], references
+        return [float((m.detach() - s).norm()) for m, s in zip(mats, start)], references
 
     ours, _ = train(APOLLO, silent_steps={0, 1})
     theirs, _ = train(APOLLOAdamW, silent_steps={0, 1})
