@@ -26,15 +26,19 @@ def groups(small: str, large: str, largest: str = "13b") -> list[tuple[str, str,
     """(name, shape, layers, methods), in the order the open issues need them. A name in SCRIPTS runs that
     script in its own process instead of a bench group (methods: its arguments)."""
     return [
-        # the open bars first (after the day's second session, 2026-11-28): the sparse overhead between prune events
-        # in interleaved rounds (+4.2% and +8.4% in one-after-the-other groups, -1% before) and the prune event
-        # with its histograms in lanes (1.6 steps; issue 4), APOLLO-Mini's 7B step in more interleaved rounds
-        # (0.91-1.11x over four measurements; issue 3), LST compiled on 7B (1.16x full FT; issue 6) and its profile
+        # the open bars first (after session 17, 2026-11-28): LST on 7B with its compiled steps replayed as CUDA
+        # graphs (lst_compile alone: 1.16x full FT, CPU-bound at ~2,850 kernels per step; issue 6's bar is 2x) and
+        # its profile; the sparse overhead between prune events in interleaved rounds (+4.2% and +8.4% in
+        # one-after-the-other groups, -1% before) and the prune event (1.6 steps; issue 4); APOLLO-Mini's 7B step in
+        # more interleaved rounds (0.91-1.11x over four measurements; issue 3)
+        ("lst", large, None, ["adamw", "lst-compile", "lst-compile-cuda-graphs", "lst-full-heads-autocast-compile",
+                              "lst-full-heads-autocast-compile-cuda-graphs"]),  # issue 6's bar
+        ("step-profile", large, None, ["--methods", "lst-compile-cuda-graphs",
+                                       "lst-full-heads-autocast-compile-cuda-graphs"]),
         ("timing", small, None, ["--methods", "adamw", "sparse-50", "--rounds", "3", "--steps", "10"]),  # issue 4
         ("sparse", small, None, ["adamw", "sparse-50", "sparse-prune-every-step"]),  # issue 4
         ("timing", large, None, ["--methods", "adamw", "apollo-mini", "--rounds", "3", "--steps", "8"]),  # issue 3
-        ("lst", large, None, ["adamw", "lst", "lst-compile", "lst-full-heads-autocast-compile"]),  # issue 6's bar
-        ("step-profile", large, None, ["--methods", "lst-compile", "lst-full-heads-autocast-compile"]),
+        ("lst-whole-model", large, None, ["adamw", "lst-full-heads-autocast-torch-compile-cuda-graphs"]),
         # then the rest, again, on this session's versions
         ("lst", small, None, ["adamw", "lora-r16", "lst", "lst-compile", "lst-torch-compile", "lst-autocast",
                               "lst-full-heads-autocast", "lst-4bit-autocast-compile"]),

@@ -265,6 +265,8 @@ def run_case(name: str, method: BenchMethod, shape: dict, device: str, dtype: to
         "final_loss": round(float(loss.detach()), 4),
     }
     del model, optimizer, loss, tokens
+    if method.compiled:  # compiled graphs (and CUDA graph trees, with their memory pool) hold on to this case
+        torch._dynamo.reset()
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()

@@ -4,6 +4,7 @@ a fresh backbone, resume equals the uninterrupted run (gates included), BERT cla
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from trainer_plugins import ConfigError, PluginTrainer, PluginTrainingArguments
 from trainer_plugins.models import tiny_llama_config
 from trainer_plugins.recipes import load_recipe, run_recipe
 from trainer_plugins_lst import load, side_of
-from trainer_plugins_lst.plugin import CONFIG_NAME, WEIGHTS_NAME
+from trainer_plugins_lst.plugin import CONFIG_NAME, WEIGHTS_NAME, _check_cuda_graphs
 from helpers import ROOT, four_bit_two_processes_equal_one, losses, save_tiny_llama, torchrun
 
 SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
@@ -181,6 +182,8 @@ def recipe(model_dir, out, model=None, **train):
     ({"lst_side_dir": "/nonexistent"}, "no lst_side.safetensors and lst_config.json"),
     ({"meft": "meft1"}, "meft"),
     ({"lst_compile": True, "torch_compile": True}, "torch_compile the whole model .* set one of them"),
+    ({"lst_cuda_graphs": True}, "lst_cuda_graphs replays the graphs lst_compile builds: set lst_compile true"),
+    ({"lst_compile": True, "lst_cuda_graphs": True}, "lst_cuda_graphs needs a CUDA GPU"),  # use_cpu
 ])
 def test_bad_flags_are_refused_before_loading(model_dir, tmp_path, flags, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -203,6 +206,15 @@ def test_refusals_that_need_the_model_config_or_setup(model_dir, tmp_path, deeps
             load_recipe(recipe(model_dir, tmp_path, lst_compile=True))
     with pytest.raises(ConfigError, match="lst_compile under ZeRO-3"):
         load_recipe(recipe(model_dir, tmp_path, lst_compile=True, deepspeed=zero3))
+    with monkeypatch.context() as patch:  # as on a GPU machine (arguments alone: no device is set up)
+        patch.setattr(torch.cuda, "is_available", lambda: True)
+        gpu = dict(lst_compile=True, lst_cuda_graphs=True, use_cpu=False, deepspeed=None)
+        _check_cuda_graphs(SimpleNamespace(**gpu))  # one process: accepted
+        with pytest.raises(ConfigError, match=r"lst_cuda_graphs is supported in one process .* lst_compile without"):
+            _check_cuda_graphs(SimpleNamespace(**{**gpu, "deepspeed": str(ROOT / "recipes" / "deepspeed" / "zero2.json")}))
+        patch.setenv("WORLD_SIZE", "2")
+        with pytest.raises(ConfigError, match=r"lst_cuda_graphs is supported in one process"):
+            _check_cuda_graphs(SimpleNamespace(**gpu))
     no_gather = tmp_path / "zero3-no-gather.json"
     config = json.loads(open(zero3).read())
     config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False

@@ -29,7 +29,7 @@ def cycles():
             for s in range(16)]
 
 
-def lst_model(compile: bool):
+def lst_model(compile: bool, cuda_graphs: bool = False):
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(**SHAPE))
     model.requires_grad_(False)
@@ -37,7 +37,7 @@ def lst_model(compile: bool):
     side = build(model, SideSettings(reduction=4, layer_ids=list(range(4)), merge="none", alpha=0.3))
     torch.manual_seed(1)
     init_random(model, side)
-    attach(model, side, families.layers_of(model), compile=compile)
+    attach(model, side, families.layers_of(model), compile=compile, cuda_graphs=cuda_graphs)
     return model.train()
 
 
@@ -101,6 +101,41 @@ def test_compiled_steps_equal_eager_steps_with_far_fewer_ops():
     assert not any("forward" in vars(layer) for layer in families.layers_of(model))
 
 
+def test_cuda_graph_mode_compiles_for_cuda_graphs_and_accumulates_in_buffers_of_its_own(monkeypatch):
+    """lst_cuda_graphs: the rungs and backbone layers compile with mode reduce-overhead (CUDA graph trees on a
+    GPU). The graphs' backward outputs live in a pool the next replay reuses, so before a forward that
+    backpropagates every side parameter gets a zeroed .grad (views of one buffer) and the backward adds into it:
+    gradients accumulated over two micro-batches, and the steps after, equal plain eager training. (torch.compile is
+    recorded and skipped here: on a CPU the mode compiles as the default one; test_cuda_graphs_on_a_gpu replays.)"""
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None: modes.append(mode) or fn)
+    models = {"eager": lst_model(compile=False), "graphs": lst_model(compile=True, cuda_graphs=True)}
+    assert modes == ["reduce-overhead"] * (1 + SHAPE["num_hidden_layers"])  # the rung, then every backbone layer
+    side = side_of(models["graphs"])
+    assert side._own_grads and not side_of(models["eager"])._own_grads
+    optimizers = {mode: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+                  for mode, m in models.items()}
+    halves = IDS[:2], IDS[2:]
+    for step in range(2):
+        grads = {}
+        for mode, model in models.items():
+            for half in halves:
+                (model(input_ids=half, labels=half).loss / 2).backward()
+            grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            if mode == "graphs":  # one flat buffer holds every side gradient
+                assert len({p.grad.untyped_storage().data_ptr() for p in side.parameters()}) == 1
+            optimizers[mode].step()
+            optimizers[mode].zero_grad(set_to_none=True)
+        assert set(grads["graphs"]) == set(grads["eager"])
+        for name, grad in grads["eager"].items():
+            torch.testing.assert_close(grads["graphs"][name], grad, rtol=1e-6, atol=1e-7, msg=name)
+    with torch.no_grad():  # no buffers for forwards that do not backpropagate
+        models["graphs"](input_ids=IDS)
+    assert all(p.grad is None for p in side.parameters())
+    detach(models["graphs"])
+    assert not side._own_grads
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return save_tiny_llama(tmp_path_factory.mktemp("lst-compile"), **SHAPE)
@@ -150,3 +185,23 @@ def test_estimates_of_compiled_bench_cases_are_the_eager_estimates(name):
                                                                                      torch.float32, "cpu")
     model = prepared_model(METHODS[name], shape, "meta", torch.float32)
     assert isinstance(model, LlamaForCausalLM) and side_of(model)._compiled_step is None  # nothing compiled on meta
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on the GPU machine)")
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_cuda_graphs_on_a_gpu_record_once_replay_and_train_like_eager(model_dir, tmp_path, accumulation):
+    """lst_cuda_graphs in the Trainer on a GPU: CUDA graph trees record the graphs (none skipped) and the replayed
+    steps give eager's losses, with and without gradient accumulation (the side gradients in buffers of their own,
+    or left in the graphs' pool)."""
+    counters.clear()
+    gpu = dict(use_cpu=False, per_device_train_batch_size=4 // accumulation, gradient_accumulation_steps=accumulation,
+               max_steps=6)
+    runs = {}
+    for name, flags in {"eager": {}, "graphs": {"lst_compile": True, "lst_cuda_graphs": True}}.items():
+        trainer = trainer_for(model_dir, tmp_path / name, **gpu, **flags)
+        assert side_of(trainer.model)._own_grads == (name == "graphs" and accumulation > 1)
+        trainer.train()
+        runs[name] = losses(trainer)
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert counters["inductor"]["cudagraph_recorded_non_static_inputs"] > 0  # graphs were recorded
+    assert runs["graphs"] == pytest.approx(runs["eager"], rel=1e-4)

@@ -3,13 +3,15 @@ width d/8 on every layer, or every 2nd (random init: memory and speed do not dep
 ``-autocast`` ones run it as the recipes do with ``bf16: true`` (bf16 matmuls over the float32 side weights);
 ``-full-heads`` ones keep whole heads of the backbone's size, r times fewer (lst_head_size full); ``-compile`` ones
 train as with lst_compile (the rungs and the backbone layers compiled layer by layer), ``-torch-compile`` ones as
-with the Trainer's torch_compile (the whole model as one graph). Compilation happens in the warm-up steps; the
+with the Trainer's torch_compile (the whole model as one graph); ``-cuda-graphs`` ones replay those graphs as CUDA
+graphs (lst_cuda_graphs; torch_compile_mode reduce-overhead). Compilation (and graph recording) happens in the warm-up steps; the
 estimates (meta device) stay the eager ones."""
 
 from trainer_plugins.bench import BenchMethod, nf4
 
 
-def _lst(reduction=8, four_bit=False, layers="all", head_size="reduced", compile=False, whole_model_compile=False):
+def _lst(reduction=8, four_bit=False, layers="all", head_size="reduced", compile=False, whole_model_compile=False,
+         cuda_graphs=False):
     def prepare(model):
         from . import families
         from .plugin import layer_ids
@@ -27,11 +29,13 @@ def _lst(reduction=8, four_bit=False, layers="all", head_size="reduced", compile
         side.to(device)
         if device.type != "meta":  # estimates run on the meta device: shapes only
             init_random(model, side)
-        attach(model, side, families.layers_of(model), compile=compile)
+        attach(model, side, families.layers_of(model), compile=compile, cuda_graphs=cuda_graphs,
+               grad_buffers=False)  # one backward per step, as the Trainer without gradient accumulation
         if whole_model_compile and device.type != "meta":
             import torch
 
-            return torch.compile(model)  # what the Trainer's accelerator does with torch_compile
+            # what the Trainer's accelerator does with torch_compile (and torch_compile_mode reduce-overhead)
+            return torch.compile(model, mode="reduce-overhead" if cuda_graphs else None)
         return model
 
     return prepare
@@ -62,4 +66,13 @@ METHODS = {
     "lst-full-heads-autocast-torch-compile": BenchMethod(
         prepare=_lst(head_size="full", whole_model_compile=True), autocast=True, compiled=True,
         description="LST r8 with whole heads, bf16 autocast, the whole model compiled (torch_compile)"),
+    # the compiled steps still issue ~2,800 kernels from Python (CPU-bound on 7B): CUDA graphs replay them
+    "lst-compile-cuda-graphs": BenchMethod(prepare=_lst(compile=True, cuda_graphs=True), compiled=True,
+                                           description="LST r8, lst_compile + lst_cuda_graphs"),
+    "lst-full-heads-autocast-compile-cuda-graphs": BenchMethod(
+        prepare=_lst(head_size="full", compile=True, cuda_graphs=True), autocast=True, compiled=True,
+        description="LST r8 with whole heads, bf16 autocast, lst_compile + lst_cuda_graphs"),
+    "lst-full-heads-autocast-torch-compile-cuda-graphs": BenchMethod(
+        prepare=_lst(head_size="full", whole_model_compile=True, cuda_graphs=True), autocast=True, compiled=True,
+        description="LST r8 with whole heads, bf16 autocast, torch_compile with torch_compile_mode reduce-overhead"),
 }

@@ -59,6 +59,11 @@ class LstArguments:
                 "shared by all layers (compile time does not grow with depth). Cuts the launch overhead of the side "
                 "network's many small ops; training steps keep no KV cache; evaluation and generation run eagerly. "
                 "torch_compile instead compiles the whole model as one graph (set one of the two)."})
+    lst_cuda_graphs: bool = field(default=False, metadata={
+        "help": "With lst_compile, on one GPU: replay the compiled graphs as CUDA graphs (torch.compile mode "
+                "reduce-overhead), one launch per graph instead of one per kernel; a compiled LST step is still "
+                "bound by the CPU issuing its kernels. Wants fixed batch shapes (packed text: a new sequence length "
+                "records new graphs) and holds the graphs' memory pool."})
 
 
 @hookimpl
@@ -135,6 +140,8 @@ def validate(args, model_args, model_config):
         _check_side_dir(args)
     if args.lst_compile:
         _check_compile(args)
+    if args.lst_cuda_graphs:
+        _check_cuda_graphs(args)
     fisher = args.lst_init == "pruned" and args.lst_importance == "fisher" and not args.lst_side_dir
     four_bit = getattr(model_args, "load_in_4bit", False)
     if fisher and four_bit:
@@ -181,6 +188,20 @@ def _check_compile(args) -> None:
         # past its cache limit (8) the rest of the layers would run eagerly without saying so
         raise ConfigError(f"lst_compile needs torch >= 2.5 (one graph shared by all layers); this is torch "
                           f"{torch.__version__}. Upgrade torch or leave lst_compile off")
+
+
+def _check_cuda_graphs(args) -> None:
+    import torch
+
+    from trainer_plugins.trainer import deepspeed_stage
+
+    if not args.lst_compile:
+        raise ConfigError("lst_cuda_graphs replays the graphs lst_compile builds: set lst_compile true as well")
+    if getattr(args, "use_cpu", False) or not torch.cuda.is_available():
+        raise ConfigError("lst_cuda_graphs needs a CUDA GPU (CUDA graphs); on this machine use lst_compile alone")
+    if deepspeed_stage(args) is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("lst_cuda_graphs is supported in one process (tested on one GPU); with several processes "
+                          "(DDP, DeepSpeed) use lst_compile without it")
 
 
 def _data_parallel(args) -> bool:
@@ -285,7 +306,11 @@ def prepare_model(model, args):
                            "lst_importance=magnitude)"))
             init_pruned(model, side, selection or select(model, settings, magnitude))
     model.__dict__.pop("_lst_selection", None)
-    attach(model, side, families.layers_of(model), compile=args.lst_compile)
+    # the Trainer's torch_compile replays CUDA graphs in these modes too: the side gradients need buffers of their own
+    graphs = args.lst_cuda_graphs or (getattr(args, "torch_compile", False) and getattr(
+        args, "torch_compile_mode", None) in ("reduce-overhead", "max-autotune"))
+    attach(model, side, families.layers_of(model), compile=args.lst_compile, cuda_graphs=graphs,
+           grad_buffers=graphs and args.gradient_accumulation_steps > 1)
     head = head_modules(model, args.lst_train_head)
     for name in head:
         model.get_submodule(name).requires_grad_(True)

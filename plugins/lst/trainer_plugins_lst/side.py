@@ -25,6 +25,15 @@ backward, and every backbone layer's forward as another; both graphs are shared 
 code and tensor shapes are the same and nothing per-layer is read in them. That holds for steps that
 backpropagate (grad enabled): those keep no KV cache (nothing reads it, and each layer's cache slot would
 specialise the graphs per layer). Evaluation and generation, with their caches and changing lengths, run eagerly.
+
+``attach(..., compile=True, cuda_graphs=True)`` (lst_cuda_graphs) compiles them with mode "reduce-overhead": on a
+GPU, CUDA graph trees record the step's chain of graphs (backbone layer, rung, ..., then the rungs' backward) once
+and replay each with one launch, where a compiled step still issues ~2,800 kernels from Python. Gradients the
+replayed backward produces live in the graphs' memory pool, which the next micro-batch reuses; so that gradient
+accumulation adds into memory of its own, every forward that will backpropagate gives the side network's
+parameters zeroed ``.grad`` buffers first (one flat allocation) where they have none; with one backward per
+optimizer step the gradients may stay in the pool (the optimizer uses them and zero_grad drops them before the next
+replay), which spares the adds.
 """
 
 from __future__ import annotations
@@ -119,6 +128,7 @@ class LadderSide(nn.Module):
         self._handles: list = []
         self._compiled_step = None  # torch.compile(_run_step) when attached with compile=True
         self._compiled_layers: list = []  # (backbone layer, its own instance forward or None): compile_layers
+        self._own_grads = False  # give parameters .grad buffers before a forward that backpropagates (cuda_graphs)
 
     # -- hooks on the backbone's layers ----------------------------------------------------------------
     def _start(self, module, args, kwargs):
@@ -126,6 +136,8 @@ class LadderSide(nn.Module):
         the side stream from it."""
         hidden, args, kwargs = _hidden_of(args, kwargs)
         hidden = hidden.detach()
+        if self._own_grads and torch.is_grad_enabled():
+            self._give_grad_buffers()
         self._stream = self.first(hidden.to(self.first.weight.dtype))
         return _with_hidden(hidden, args, kwargs)
 
@@ -144,6 +156,16 @@ class LadderSide(nn.Module):
 
         return hook
 
+    def _give_grad_buffers(self) -> None:
+        """Zeroed ``.grad`` for the trainable parameters that have none, as views of one buffer per dtype: the
+        backward then adds into them instead of keeping tensors of the CUDA graphs' pool (see the docstring)."""
+        missing = [p for p in self.parameters() if p.requires_grad and p.grad is None]
+        for dtype in {p.dtype for p in missing}:
+            group = [p for p in missing if p.dtype == dtype]
+            flat = torch.zeros(sum(p.numel() for p in group), dtype=dtype, device=group[0].device)
+            for p, grad in zip(group, flat.split([p.numel() for p in group])):
+                p.grad = grad.view_as(p)
+
     def _step(self, index: int, backbone: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         step = self.steps[index]
         if self._compiled_step is not None and torch.is_grad_enabled():
@@ -151,9 +173,13 @@ class LadderSide(nn.Module):
         return step(self._stream, backbone, args, kwargs)
 
 
-def attach(model, side: LadderSide, layers, compile: bool = False) -> None:
+def attach(model, side: LadderSide, layers, compile: bool = False, cuda_graphs: bool = False,
+           grad_buffers: Optional[bool] = None) -> None:
     """Put ``side`` on ``model`` (as ``model.lst_side``) and hook it onto the backbone ``layers``; with
-    ``compile``, training steps run the rungs and the backbone layers compiled (see the module's docstring)."""
+    ``compile``, training steps run the rungs and the backbone layers compiled, with ``cuda_graphs`` replayed as CUDA
+    graphs (see the module's docstring; without ``compile``, ``cuda_graphs`` says the caller compiles the whole model
+    for CUDA graphs). ``grad_buffers`` (default: ``cuda_graphs``) gives the side parameters gradient buffers of their
+    own before each forward; only gradient accumulation needs them (one backward per step may keep the pool's)."""
     detach(model)
     side.train(model.training)
     model.add_module("lst_side", side)
@@ -162,22 +188,24 @@ def attach(model, side: LadderSide, layers, compile: bool = False) -> None:
     rungs = {layer: k for k, layer in enumerate(side.layer_ids)}
     for i in sorted(set(rungs) | {last}):
         side._handles.append(layers[i].register_forward_hook(side._rung(rungs.get(i), i == last), with_kwargs=True))
+    side._own_grads = cuda_graphs if grad_buffers is None else grad_buffers
     if compile and side.first.weight.device.type != "meta":  # estimates (meta device) follow eager tensors
-        side._compiled_step = torch.compile(_run_step)
-        compile_layers(side, layers)
+        mode = "reduce-overhead" if cuda_graphs else None  # CUDA graph trees; on a CPU the same as the default
+        side._compiled_step = torch.compile(_run_step, mode=mode)
+        compile_layers(side, layers, mode)
 
 
-def compile_layers(side: LadderSide, layers) -> None:
+def compile_layers(side: LadderSide, layers, mode: Optional[str] = None) -> None:
     """Replace each backbone layer's ``forward`` (hooks stay outside, eager) by one that runs compiled in steps
     that backpropagate; ``detach`` restores them."""
     for layer in layers:
         # a forward set on the instance (accelerate's device hooks) is wrapped, and put back by detach
         side._compiled_layers.append((layer, layer.__dict__.get("forward")))
-        layer.forward = _compiled_when_training(layer.forward)
+        layer.forward = _compiled_when_training(layer.forward, mode)
 
 
-def _compiled_when_training(forward):
-    compiled = torch.compile(forward)
+def _compiled_when_training(forward, mode: Optional[str] = None):
+    compiled = torch.compile(forward, mode=mode)
 
     @functools.wraps(forward)
     def run(*args, **kwargs):
@@ -209,6 +237,7 @@ def detach(model) -> Optional[LadderSide]:
             layer.forward = own
     side._compiled_layers.clear()
     side._compiled_step = None
+    side._own_grads = False
     del model.lst_side
     return side
 
