@@ -7,6 +7,8 @@
 #
 # BUDGET_S (default 480): no new case starts after that many seconds of the Python run.
 # BENCH_GROUPS="lst-7b loram-1b": only those groups, in that order (names: gpu_session.py's groups).
+# GPU_TESTS="tests/plugins/test_lst_compile.py -k cuda_graphs": run those tests (the ones that skip without a GPU)
+# first, into the same log.
 # SHAPE_SMALL / SHAPE_LARGE / SHAPE_LARGEST (1b / 7b / 13b) and STEPS (5) size the runs; on a CPU:
 # SHAPE_SMALL=tiny SHAPE_LARGE=tiny SHAPE_LARGEST=tiny DEVICE=cpu.
 # Every result carries estimate_gib and estimate_vs_peak: the check of `trainer-plugins estimate`.
@@ -26,6 +28,10 @@ export PYTHONUNBUFFERED=1
   fi
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
   python3 -m trainer_plugins doctor
+  if [ -n "${GPU_TESTS:-}" ]; then
+    # shellcheck disable=SC2086  # the variable holds pytest's arguments
+    timeout 300 python3 -m pytest -q -rs -p no:cacheprovider $GPU_TESTS
+  fi
   python3 benchmarks/gpu_session.py --results /tmp/gpu-results --pack "$out" --budget "${BUDGET_S:-480}" \
     --steps "${STEPS:-5}" ${DEVICE:+--device "$DEVICE"}
   echo "gpu_session.sh done in $SECONDS s"
