@@ -10,11 +10,15 @@
   kernel and operator counts, the top operators by GPU and by CPU time (optionally a Chrome trace). For
   LST's step on 7B (issue 6), which costs far more than its FLOPs.
 - ``timing``: step times of several cases in interleaved rounds, to see the spread of a bench median.
+- ``prune-event``: one sparse prune event (issue 4: <= one training step) on the shape's decoder weights, with
+  AdamW's moments, for several radix-select settings (digit bits x histogram lanes, histc or bincount), against
+  the time of a dense full fine-tuning step measured alongside.
 
     python benchmarks/gpu_diagnostics.py memory --shape 1b --method qlora-peft --out $OUT/memory.json
     python benchmarks/gpu_diagnostics.py profile --shape 1b --methods adamw apollo-mini --out $OUT/profile.json
     python benchmarks/gpu_diagnostics.py step-profile --shape 7b --methods lst --trace --out $OUT/lst-7b.json
     python benchmarks/gpu_diagnostics.py timing --shape 1b --methods adamw apollo-mini --out $OUT/timing.json
+    python benchmarks/gpu_diagnostics.py prune-event --shape 1b --configs 8x16 8x16-bincount 6x1 --out $OUT/prune.json
 """
 
 from __future__ import annotations
@@ -155,7 +159,7 @@ def profile(ns, shape, dtype) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["memory", "profile", "step-profile", "timing"])
+    p.add_argument("what", choices=["memory", "profile", "step-profile", "timing", "prune-event"])
     p.add_argument("--shape", default="1b", choices=sorted(bench.SHAPES))
     p.add_argument("--method", default="qlora-peft", help="memory: the bench case")
     p.add_argument("--methods", nargs="+", default=["adamw", "apollo-mini"], help="profile: the bench cases")
@@ -165,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tf32", action="store_true", help="float32 matmuls on TF32 tensor cores (allow_tf32)")
     p.add_argument("--rounds", type=int, default=3, help="timing: interleaved rounds")
     p.add_argument("--steps", type=int, default=10, help="timing: timed steps per case and round")
+    p.add_argument("--configs", nargs="+", default=["8x16", "8x16-bincount", "8x1", "6x1", "7x4", "11x1"],
+                   help="prune-event: BITSxLANES, -bincount for the host-syncing histogram")
     p.add_argument("--out", type=Path, required=True)
     return p
 
@@ -251,13 +257,61 @@ def timing(ns, shape, dtype) -> dict:
         name: round(statistics.median(v) / statistics.median(rounds[first]), 3) for name, v in rounds.items()}}
 
 
+def prune_event(ns, shape, dtype) -> dict:
+    """One prune event (global magnitude, AdamW moments zeroed with the weights) per radix-select setting, events
+    interleaved over ``--rounds`` rounds, each 0.5% sparser than the last from 50%; the dense AdamW step is timed
+    in the same process for the ratio. Every setting must select the same weights: checked against the first."""
+    from trainer_plugins_sparse.pruning import Pruner, local_targets
+    from trainer_plugins_sparse.schedule import keep_count
+
+    _, model, optimizer, forward_backward = _case("adamw", shape, ns.device, dtype)
+    steps = []
+    for _ in range(ns.steps):
+        _sync()
+        start = time.perf_counter()
+        forward_backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync()
+        steps.append(time.perf_counter() - start)
+    step_s = statistics.median(steps)
+    weights = bench.decoder_linear_weights(model)
+    pristine = {n: w.detach().clone() for n, w in weights.items()}  # every setting starts from the same weights
+    times = {config: [] for config in ns.configs}
+    masks = {}
+    for config in ns.configs:
+        bits, lanes = config.split("-")[0].split("x")
+        pruner = Pruner(local_targets(weights, optimizer), digit_bits=int(bits), lanes=int(lanes))
+        pruner.sync_free = False if config.endswith("-bincount") else None
+        with torch.no_grad():
+            for n, w in weights.items():
+                w.copy_(pristine[n])
+        for event in range(ns.rounds):
+            sparsity = 0.5 + 0.005 * event
+            _sync()
+            start = time.perf_counter()
+            pruner.prune(lambda numel: keep_count(numel, sparsity))
+            _sync()
+            times[config].append(time.perf_counter() - start)
+        masks[config] = [int((w == 0).sum()) for w in weights.values()]
+        print(config, json.dumps([round(t * 1e3, 1) for t in times[config]]), flush=True)
+    first = ns.configs[0]
+    return {"dense_step_s": round(step_s, 5),
+            # the first event also finds everything dense: the median of the later ones is the steady cost
+            "event_ms": {c: round(1e3 * statistics.median(t[1:] or t), 2) for c, t in times.items()},
+            "event_vs_step": {c: round(statistics.median(t[1:] or t) / step_s, 3) for c, t in times.items()},
+            "all_events_ms": {c: [round(1e3 * x, 2) for x in t] for c, t in times.items()},
+            "same_selection_as_" + first: {c: masks[c] == masks[first] for c in masks}}
+
+
 def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
     shape = bench.SHAPES[ns.shape]
     if ns.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     dtype = torch.bfloat16 if ns.device.startswith("cuda") else torch.float32
-    result = {"memory": memory, "profile": profile, "step-profile": step_profile, "timing": timing}[ns.what](
+    result = {"memory": memory, "profile": profile, "step-profile": step_profile, "timing": timing,
+              "prune-event": prune_event}[ns.what](
         ns, shape, dtype)
     report = {"device": torch.cuda.get_device_name(0) if ns.device.startswith("cuda") else "cpu", "tf32": ns.tf32, "torch": torch.__version__, "shape": ns.shape,
               "what": ns.what, "result": result}

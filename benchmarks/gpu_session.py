@@ -36,6 +36,10 @@ def groups(small: str, large: str, largest: str = "13b") -> list[tuple[str, str,
         ("step-profile", large, None, ["--methods", "lst-compile-cuda-graphs",
                                        "lst-full-heads-autocast-compile-cuda-graphs"]),
         ("timing", small, None, ["--methods", "adamw", "sparse-50", "--rounds", "3", "--steps", "10"]),  # issue 4
+        # the prune event without host syncs (histc) against bincount's two per weight and pass, and other digit
+        # widths and lane counts (shared-memory histograms need fewer than 100 bins)
+        ("prune-event", small, None, ["--configs", "8x16", "8x16-bincount", "8x1", "6x1", "7x4", "5x2", "11x1",
+                                      "--rounds", "6", "--steps", "5"]),
         ("sparse", small, None, ["adamw", "sparse-50", "sparse-prune-every-step"]),  # issue 4
         ("timing", large, None, ["--methods", "adamw", "apollo-mini", "--rounds", "3", "--steps", "8"]),  # issue 3
         ("lst-whole-model", large, None, ["adamw", "lst-full-heads-autocast-torch-compile-cuda-graphs"]),
@@ -62,6 +66,7 @@ SCRIPTS = {  # group name: the script and its leading arguments (then --shape, -
     "optimizer-profile": ["gpu_diagnostics.py", "profile"],
     "step-profile": ["gpu_diagnostics.py", "step-profile"],
     "timing": ["gpu_diagnostics.py", "timing"],
+    "prune-event": ["gpu_diagnostics.py", "prune-event"],
     "sparse-semi-structured": ["sparse_semi_structured.py"],  # 2:4 inference (issue 4), CUDA only
 }
 

@@ -3,6 +3,7 @@ writes its report. Speed numbers come from GPU runs committed under benchmarks/r
 check is `trainer-plugins estimate` against the allocator's peak (profiler) for every method."""
 
 import json
+import re
 
 import pytest
 
@@ -146,6 +147,7 @@ def test_every_gpu_session_method_exists():
             ns = diagnostics.build_parser().parse_args([session.SCRIPTS[name][1], *arguments, "--shape", shape,
                                                         "--out", "x.json"])
             assert not {ns.method, *ns.methods} - set(methods())
+            assert all(re.fullmatch(r"\d+x\d+(-bincount)?", c) for c in ns.configs), ns.configs
 
 
 def test_apollo_quality_seed_runs_and_their_same_seed_summary():

@@ -34,12 +34,20 @@ def test_global_magnitude_keeps_exactly_the_largest(digit_bits, lanes):
     assert torch.equal((after != 0), before >= before.topk(n_keep).values.min())
 
 
-def test_a_histogram_in_lanes_equals_bincount():
+@pytest.mark.parametrize("sync_free", [False, True])  # bincount (a CPU's default) or histc (a GPU's: no host sync)
+def test_a_histogram_in_lanes_equals_bincount_and_ignores_digits_outside(sync_free):
     from trainer_plugins_sparse.pruning import _histogram
 
-    values = torch.randint(0, 5, (1001,), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
-    for lanes in (1, 2, 16):
-        assert torch.equal(_histogram(values, 257, lanes), torch.bincount(values, minlength=257))
+    generator = torch.Generator().manual_seed(0)
+    for length in (1001, 1024):  # 1001: no lane count divides it, one lane
+        values = torch.randint(0, 5, (length,), generator=generator, dtype=torch.int32)
+        values[::7] = 256  # the last bin
+        outside = values.clone()
+        outside[1::5], outside[2::5] = -1, 257  # digits outside the prefix are -1 or `bins`: not counted
+        for lanes in (1, 2, 16):
+            assert torch.equal(_histogram(values.clone(), 257, lanes, sync_free), torch.bincount(values, minlength=257))
+            expected = torch.bincount(outside[(outside >= 0) & (outside < 257)], minlength=257)
+            assert torch.equal(_histogram(outside.clone(), 257, lanes, sync_free), expected)
     with pytest.raises(ValueError, match="lanes must be a power of two"):
         pruner(weights((4, 4)), lanes=3)
 
@@ -115,7 +123,8 @@ def test_masks_only_shrink_and_random_scores_are_seeded():
     magnitude = weights((30, 30))
     pruner(magnitude).prune(keep(0.6))
     assert not torch.equal(magnitude[0].detach() == 0, zeros2)
-    assert first.prune(keep(0.5)) == 0  # lower than what is pruned: nothing to do
+    first.prune(keep(0.5))  # lower than what is pruned: nothing to do
+    assert torch.equal(params[0].detach() == 0, zeros2)
 
 
 @pytest.mark.parametrize("sparsity", [0.5, 0.3])

@@ -13,7 +13,7 @@ the scores that share the digits chosen so far (two for bf16 or fp16 weights, wh
 zero bits as float32). Only one weight's scores exist at a time, and under
 ZeRO-3 each rank scores the slices it holds and the histograms are summed across ranks: a distributed
 k-th value without gathering any weight. A prune event syncs with the host a fixed number of times,
-not per weight.
+not per weight (on a GPU the histograms are torch.histc's, which unlike torch.bincount does not sync).
 """
 
 from __future__ import annotations
@@ -86,6 +86,8 @@ class Pruner:
     lanes:      sub-histograms per bin (None: 16 on a GPU, 1 elsewhere; see ``_histogram``).
     """
 
+    sync_free: bool | None = None  # how histograms count (None: histc on a GPU; see _histogram); for measurements
+
     def __init__(self, targets: Sequence[Target], scope: str = "global", score: str = "magnitude",
                  n_m: tuple[int, int] | None = None, seed: int = 0, comm: Comm | None = None,
                  after: Callable[[], None] | None = None, digit_bits: int | None = None, lanes: int | None = None):
@@ -113,22 +115,20 @@ class Pruner:
         return sum(self.zeros()) / max(self.total, 1)
 
     # -- pruning ------------------------------------------------------------------------------------
-    def prune(self, keep: Callable[[int], int], event: int = 0) -> int:
+    def prune(self, keep: Callable[[int], int], event: int = 0) -> None:
         """Keep ``keep(numel)`` weights (of all targets, or of each with scope 'layer'); zero the rest
         in every copy. Masks only shrink: a group already at or below its count is left alone.
-        ``event`` seeds random scores. Returns the number of weights zeroed now."""
+        ``event`` seeds random scores. (``zeros()`` counts what is pruned.)"""
         groups = [list(range(len(self.targets)))] if self.scope == "global" else [[i] for i in range(len(self.targets))]
         zeros = self.zeros()
-        pruned = 0
         for members in groups:
             numel = sum(self.targets[i].numel for i in members)
             n_keep = keep(numel)
             if numel - sum(zeros[i] for i in members) <= n_keep:
                 continue
-            pruned += self._prune_group(members, n_keep, event)
+            self._prune_group(members, n_keep, event)
         if self.after is not None:
             self.after()
-        return pruned
 
     def _scores(self, i: int, event: int) -> torch.Tensor:
         target = self.targets[i]
@@ -146,45 +146,44 @@ class Pruner:
             rows.scatter_(1, rows.topk(n, dim=1).indices, float("inf"))  # never pruned
         return scores.view(-1)
 
-    def _prune_group(self, members: list[int], n_keep: int, event: int) -> int:
+    def _prune_group(self, members: list[int], n_keep: int, event: int) -> None:
         device = self.targets[members[0]].local.device
         if n_keep == 0:
-            threshold, quotas = None, [0] * len(members)
+            threshold, ties, quotas = None, [0] * len(members), [0] * len(members)
         else:
-            threshold, ties = self._threshold(members, n_keep, event)
+            threshold, (kept_ties, ties) = self._threshold(members, n_keep, event)
             # ties at the threshold are kept in order: ranks first (rank 0's before rank 1's), then members
-            quota = max(0, ties[0] - self.comm.ranks_before(sum(ties[1]), device))
+            quota = max(0, kept_ties - self.comm.ranks_before(sum(ties), device))
             quotas = []
-            for count in ties[1]:
+            for count in ties:
                 quotas.append(min(quota, count))
                 quota -= quotas[-1]
-        pruned = []
-        for i, quota in zip(members, quotas):
+        for i, quota, tied in zip(members, quotas, ties):
             target = self.targets[i]
             if threshold is None:
-                keep = torch.zeros_like(target.local, dtype=torch.bool)
+                drop = torch.ones_like(target.local, dtype=torch.bool)
             else:
                 bits = _bits(self._scores(i, event))
-                keep = bits > threshold
-                if quota > 0:
+                if quota == tied:  # all of this member's ties are kept (or it has none): no running count
+                    drop = bits < threshold
+                elif quota == 0:
+                    drop = bits <= threshold
+                else:
                     tie = bits == threshold
-                    keep |= tie & (torch.cumsum(tie, 0) <= quota)
-            drop = ~keep
-            pruned.append((drop & (target.local != 0)).sum())
+                    drop = (bits < threshold) | (tie & (torch.cumsum(tie, 0) > quota))
             with torch.no_grad():
                 target.local.masked_fill_(drop, 0)
                 for tensor, offset in target.copies():
                     tensor.masked_fill_(drop.narrow(0, offset, tensor.numel()).to(tensor.device), 0)
-        return int(torch.stack(pruned).sum())
 
     def _threshold(self, members: list[int], n_keep: int, event: int) -> tuple[int, tuple[int, list[int]]]:
         """The score bits of the ``n_keep``-th highest score of the group, and its ties: how many of them are
         kept (over all ranks) and how many each member holds on this rank. A radix select over the 31 bits
-        of non-negative float32 scores, ``digit_bits`` per pass: each pass is one histogram per weight
-        (the last bin: scores outside the prefix chosen so far) and one host sync for the whole group. On a
-        GPU, 8 bits in 16 lanes: 257 x 16 counters stay in shared memory, where a 65536-bin histogram contends
-        on global atomics, and the lanes spread the few hot bins (the weights share a few exponents) that made
-        a 2049-bin one cost 2/3 of a prune event on an H200. Elsewhere 11 bits, one lane (fewer passes)."""
+        of non-negative float32 scores, ``digit_bits`` per pass: each pass is one histogram per weight of the
+        next digit among the scores under the prefix chosen so far, and one host sync for the whole group
+        (``_histogram`` itself never syncs). 8 bits in 16 lanes on a GPU (lanes spread the atomic adds on the
+        few hot bins: the weights share a few exponents, and on an H200 that contention was 2/3 of a prune
+        event), 11 bits in one lane elsewhere (fewer passes)."""
         device = self.targets[members[0]].local.device
         gpu = device.type == "cuda"
         width = self.digit_bits or (8 if gpu else 11)
@@ -196,12 +195,11 @@ class Pruner:
         for shift in shifts:
             per_member = []
             for i in members:
-                bits = _bits(self._scores(i, event))
-                digit = bits >> shift
-                if shift != shifts[0]:  # only the scores under the prefix count, the others go to the last bin
-                    digit = torch.where((digit >> width) == prefix, digit & (bins - 1), bins)
-                per_member.append(_histogram(digit, bins + 1, lanes))
-            hist = self.comm.all_reduce(torch.stack(per_member).sum(0)[:bins].to(device))
+                digit = _bits(self._scores(i, event)) >> shift
+                if shift != shifts[0]:  # the scores under the prefix: 0..bins-1; the others fall outside
+                    digit = digit.sub_(prefix << width).clamp_(-1, bins)
+                per_member.append(_histogram(digit, bins, lanes, self.sync_free))
+            hist = self.comm.all_reduce(torch.stack(per_member).sum(0).to(device))
             digit_value, above_it = _bucket(hist.tolist(), n_keep - above)
             prefix, above = (prefix << width) | digit_value, above + above_it
         mine = torch.stack(per_member)[:, prefix & (bins - 1)].tolist()  # the last pass's bin of the threshold
@@ -224,14 +222,27 @@ def _bits(scores: torch.Tensor) -> torch.Tensor:
     return scores.contiguous().view(torch.int32)
 
 
-def _histogram(values: torch.Tensor, bins: int, lanes: int = 1) -> torch.Tensor:
-    """torch.bincount(values, minlength=bins) counted in ``lanes`` sub-histograms (element i adds to lane
-    i % lanes), then summed: neighbouring GPU threads add to different counters even when their values
-    share a bin."""
-    if lanes == 1:
-        return torch.bincount(values, minlength=bins)
-    lane = torch.arange(values.numel(), device=values.device, dtype=values.dtype) & (lanes - 1)
-    return torch.bincount(values * lanes + lane, minlength=bins * lanes).view(bins, lanes).sum(1)
+def _histogram(digits: torch.Tensor, bins: int, lanes: int = 1, sync_free: bool | None = None) -> torch.Tensor:
+    """How many of ``digits`` (int32) hold each value 0..bins-1, as int64; values outside (-1, or bins and more)
+    are not counted. With ``lanes``, element i adds to sub-histogram i % lanes and the lanes are summed: on a GPU,
+    neighbouring threads then add to different counters even when their digits share a bin (a slice whose length
+    ``lanes`` does not divide counts in one lane). On a GPU the count is torch.histc over the integers, which needs
+    no host sync; torch.bincount reads the input's minimum and maximum back to the host first (two syncs per
+    weight and pass). ``sync_free`` (default: on a GPU) picks histc (on a CPU over floats, for the tests)."""
+    if lanes > 1 and digits.numel() % lanes == 0:
+        lane = torch.arange(lanes, device=digits.device, dtype=digits.dtype)
+        digits = torch.add(lane, digits.view(-1, lanes), alpha=lanes).view(-1)  # -1 and bins stay outside
+    else:
+        lanes = 1
+    n = bins * lanes
+    if digits.is_cuda if sync_free is None else sync_free:
+        # the range's top value is counted in the last bin (histc's last bin is closed): one bin more, dropped.
+        # A CPU's histc takes floats only (exact here: the tests' counts stay far below 2**24)
+        counts = torch.histc(digits if digits.is_cuda else digits.float(), bins=n + 1, min=0, max=n + 1)
+        counts = counts[:n].long()
+    else:
+        counts = torch.bincount((digits + 1).clamp_(0, n + 1), minlength=n + 2)[1:n + 1]
+    return counts.view(bins, lanes).sum(1) if lanes > 1 else counts
 
 
 def _bucket(hist: list[int], k: int) -> tuple[int, int]:
