@@ -31,10 +31,9 @@ def groups(small: str, large: str, largest: str = "13b") -> list[tuple[str, str,
         # its profile; the sparse overhead between prune events in interleaved rounds (+4.2% and +8.4% in
         # one-after-the-other groups, -1% before) and the prune event (1.6 steps; issue 4); APOLLO-Mini's 7B step in
         # more interleaved rounds (0.91-1.11x over four measurements; issue 3)
-        ("lst", large, None, ["adamw", "lst-compile", "lst-compile-cuda-graphs", "lst-full-heads-autocast-compile",
+        ("lst", large, None, ["adamw", "lst-compile", "lst-compile-cuda-graphs", "lst-autocast-compile-cuda-graphs",
                               "lst-full-heads-autocast-compile-cuda-graphs"]),  # issue 6's bar
-        ("step-profile", large, None, ["--methods", "lst-compile-cuda-graphs",
-                                       "lst-full-heads-autocast-compile-cuda-graphs"]),
+        ("step-profile", large, None, ["--methods", "lst-compile-cuda-graphs", "lst-autocast-compile-cuda-graphs"]),
         ("timing", small, None, ["--methods", "adamw", "sparse-50", "--rounds", "3", "--steps", "10"]),  # issue 4
         # the prune event without host syncs (histc) against bincount's two per weight and pass, and other digit
         # widths and lane counts (shared-memory histograms need fewer than 100 bins)

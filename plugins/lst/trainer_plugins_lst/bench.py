@@ -69,6 +69,9 @@ METHODS = {
     # the compiled steps still issue ~2,800 kernels from Python (CPU-bound on 7B): CUDA graphs replay them
     "lst-compile-cuda-graphs": BenchMethod(prepare=_lst(compile=True, cuda_graphs=True), compiled=True,
                                            description="LST r8, lst_compile + lst_cuda_graphs"),
+    "lst-autocast-compile-cuda-graphs": BenchMethod(
+        prepare=_lst(compile=True, cuda_graphs=True), autocast=True, compiled=True,
+        description="LST r8, bf16 autocast (the recipes' bf16: true), lst_compile + lst_cuda_graphs"),
     "lst-full-heads-autocast-compile-cuda-graphs": BenchMethod(
         prepare=_lst(head_size="full", compile=True, cuda_graphs=True), autocast=True, compiled=True,
         description="LST r8 with whole heads, bf16 autocast, lst_compile + lst_cuda_graphs"),
