@@ -178,6 +178,15 @@ def test_the_trainers_torch_compile_trains_the_whole_model_like_eager(model_dir,
     assert all(n.startswith("lst_side.") for n, p in trainer.model.named_parameters() if p.requires_grad)
 
 
+def test_gradient_buffers_where_the_trainer_replays_cuda_graphs_with_gradient_accumulation(model_dir, tmp_path):
+    """torch_compile_mode reduce-overhead replays the whole model as CUDA graphs (the Trainer's flags; compiled at the
+    first step, so no training here): with gradient accumulation the side gradients need buffers of their own."""
+    graphs = dict(torch_compile=True, torch_compile_mode="reduce-overhead")
+    assert side_of(trainer_for(model_dir, tmp_path, gradient_accumulation_steps=2, **graphs).model)._own_grads
+    assert not side_of(trainer_for(model_dir, tmp_path, **graphs).model)._own_grads  # one backward per step
+    assert not side_of(trainer_for(model_dir, tmp_path, gradient_accumulation_steps=2).model)._own_grads
+
+
 @pytest.mark.parametrize("name", ["lst-compile", "lst-torch-compile"])
 def test_estimates_of_compiled_bench_cases_are_the_eager_estimates(name):
     shape = SHAPES["tiny"]
