@@ -228,14 +228,17 @@ def _histogram(digits: torch.Tensor, bins: int, lanes: int = 1, sync_free: bool 
     neighbouring threads then add to different counters even when their digits share a bin (a slice whose length
     ``lanes`` does not divide counts in one lane). On a GPU the count is torch.histc over the integers, which needs
     no host sync; torch.bincount reads the input's minimum and maximum back to the host first (two syncs per
-    weight and pass). ``sync_free`` (default: on a GPU) picks histc (on a CPU over floats, for the tests)."""
+    weight and pass). ``sync_free`` (default: on a GPU) picks histc (on a CPU over floats, for the tests); under
+    torch.use_deterministic_algorithms (the Trainer's full_determinism) CUDA histc raises, so bincount counts."""
     if lanes > 1 and digits.numel() % lanes == 0:
         lane = torch.arange(lanes, device=digits.device, dtype=digits.dtype)
         digits = torch.add(lane, digits.view(-1, lanes), alpha=lanes).view(-1)  # -1 and bins stay outside
     else:
         lanes = 1
     n = bins * lanes
-    if digits.is_cuda if sync_free is None else sync_free:
+    if sync_free is None:
+        sync_free = digits.is_cuda and not torch.are_deterministic_algorithms_enabled()
+    if sync_free:
         # the range's top value is counted in the last bin (histc's last bin is closed): one bin more, dropped.
         # A CPU's histc takes floats only (exact here: the tests' counts stay far below 2**24)
         counts = torch.histc(digits if digits.is_cuda else digits.float(), bins=n + 1, min=0, max=n + 1)
