@@ -12,6 +12,7 @@ from trainer_plugins.cli import main as cli
 from trainer_plugins.errors import ConfigError
 
 
+@pytest.mark.latest_only  # ~2 minutes; the plugins' own tests run on both suites
 def test_every_method_runs_and_the_report_is_complete(tmp_path):
     out = tmp_path / "r.json"
     assert cli(["bench", "--shape", "tiny", "--device", "cpu", "--warmup", "1", "--steps", "2", "--out", str(out)]) == 0
@@ -33,7 +34,7 @@ def test_every_method_runs_and_the_report_is_complete(tmp_path):
             assert 0 <= r["peak_gib"] - r["estimate_gib"] <= 0.002, r
             continue
         if r.get("estimate") == "eager":  # compiled: fused kernels drop some of eager's temporaries (seen: 1.19)
-            assert r["method"].endswith("compile") and 0.95 < r["estimate_vs_peak"] < 1.3, r
+            assert "compile" in r["method"] and 0.95 < r["estimate_vs_peak"] < 1.3, r
             continue
         assert 0.95 < r["estimate_vs_peak"] < 1.05, r
     # random tokens over 1000 ids: three small steps leave every method's loss near ln(1000) = 6.9
