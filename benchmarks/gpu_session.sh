@@ -30,7 +30,7 @@ export PYTHONUNBUFFERED=1
   python3 -m trainer_plugins doctor
   if [ -n "${GPU_TESTS:-}" ]; then
     # shellcheck disable=SC2086  # the variable holds pytest's arguments
-    timeout 300 python3 -m pytest -q -rs -p no:cacheprovider $GPU_TESTS
+    TORCH_LOGS=perf_hints timeout 240 python3 -m pytest -q -rs -p no:cacheprovider $GPU_TESTS  # perf_hints: why a CUDA graph was skipped
   fi
   python3 benchmarks/gpu_session.py --results /tmp/gpu-results --pack "$out" --budget "${BUDGET_S:-480}" \
     --steps "${STEPS:-5}" ${DEVICE:+--device "$DEVICE"}
