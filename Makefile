@@ -7,6 +7,8 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 PINS   ?=
+# pytest workers (pytest-xdist; CI has 2 cores): `make test PYTEST_WORKERS="-n 0"` runs in one process
+PYTEST_WORKERS ?= -n 2 --dist worksteal
 # the oldest supported transformers (the GPU image's): `make test-oldest` runs the fast tests against it,
 # less those marked latest_only (costly, and nothing in them depends on the transformers version)
 OLDEST ?= transformers==5.17.0
@@ -28,14 +30,14 @@ demo: install
 	$(VENV)/bin/trainer-plugins train recipes/quickstart.yaml
 
 test: install
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra $(PYTEST_WORKERS)
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_WORKERS)
 
 test-oldest:
 	$(MAKE) install VENV=.venv-oldest PINS="$(OLDEST)"
-	.venv-oldest/bin/python -m pytest -q -m "not slow and not latest_only"
+	.venv-oldest/bin/python -m pytest -q -m "not slow and not latest_only" $(PYTEST_WORKERS)
 
 clean:
 	rm -rf $(VENV) .venv-oldest outputs
