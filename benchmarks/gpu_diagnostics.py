@@ -232,6 +232,20 @@ def step_profile(ns, shape, dtype) -> dict:
     return out
 
 
+def _median_step_s(forward_backward, optimizer, steps: int) -> float:
+    """Median wall time of ``steps`` whole training steps (forward, backward, optimizer step), device synced."""
+    times = []
+    for _ in range(steps):
+        _sync()
+        start = time.perf_counter()
+        forward_backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def timing(ns, shape, dtype) -> dict:
     """Step times of several cases in interleaved rounds (each round builds each case afresh and times
     ``--steps`` steps): the spread between rounds says how far one bench median can be trusted."""
@@ -239,15 +253,7 @@ def timing(ns, shape, dtype) -> dict:
     for _ in range(ns.rounds):
         for name in ns.methods:
             method, model, optimizer, forward_backward = _case(name, shape, ns.device, dtype)
-            times = []
-            for _ in range(ns.steps):
-                start = time.perf_counter()
-                forward_backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                _sync()
-                times.append(time.perf_counter() - start)
-            rounds[name].append(round(statistics.median(times), 5))
+            rounds[name].append(round(_median_step_s(forward_backward, optimizer, ns.steps), 5))
             del model, optimizer, forward_backward
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -265,16 +271,7 @@ def prune_event(ns, shape, dtype) -> dict:
     from trainer_plugins_sparse.schedule import keep_count
 
     _, model, optimizer, forward_backward = _case("adamw", shape, ns.device, dtype)
-    steps = []
-    for _ in range(ns.steps):
-        _sync()
-        start = time.perf_counter()
-        forward_backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        _sync()
-        steps.append(time.perf_counter() - start)
-    step_s = statistics.median(steps)
+    step_s = _median_step_s(forward_backward, optimizer, ns.steps)
     weights = bench.decoder_linear_weights(model)
     pristine = {n: w.detach().clone() for n, w in weights.items()}  # every setting starts from the same weights
     times = {config: [] for config in ns.configs}
