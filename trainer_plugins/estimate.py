@@ -60,12 +60,13 @@ class MemoryTracker(TorchDispatchMode):
     (``weight.t()``) allocate nothing.
     """
 
-    def __init__(self, resident=()):
+    def __init__(self, resident=(), cache: bool = True):
         super().__init__()
         self.live = 0
         self.peak = 0
         self._counted: set[int] = set()
         self._known: set[int] = {t.untyped_storage()._cdata for t in resident}
+        self.outputs = MetaOutputCache() if cache else None
 
     def reset_peak(self) -> None:
         self.peak = self.live
@@ -87,6 +88,8 @@ class MemoryTracker(TorchDispatchMode):
         if func in _RUN_AS_COMPOSITE:
             with self:  # the kernel's own operators come through this mode: its temporaries are counted
                 out = func._op_dk(torch._C.DispatchKey.CompositeExplicitAutograd, *args, **(kwargs or {}))
+        elif self.outputs is not None:
+            out = self.outputs.call(func, args, kwargs or {})
         else:
             out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
@@ -108,6 +111,103 @@ class MemoryTracker(TorchDispatchMode):
     def _free(self, key: int, size: int) -> None:
         self._counted.discard(key)
         self.live -= size
+
+
+class MetaOutputCache:
+    """Outputs of meta kernels, rebuilt from a cache: an operator on meta tensors makes new tensors whose shapes,
+    strides and dtypes follow from its inputs' and its other arguments, and a model repeats the same operators
+    layer after layer (an 80-layer step dispatches ~200k operators, ~2,500 distinct). Torch's Python meta
+    kernels (refs, custom ops' fake kernels) take ~200 us each; an empty tensor of the recorded layout takes a
+    few. Only functional operators (no mutated or aliased arguments, no data-dependent or random outputs) on
+    plain meta tensors are cached, and only when the empty tensors rebuilt from the record have the kernel's
+    own storage sizes (checked once per key), so the memory the tracker counts is the same."""
+
+    _SKIP_TAGS = tuple(getattr(torch.Tag, t) for t in ("dynamic_output_shape", "data_dependent_output",
+                                                       "inplace_view", "nondeterministic_seeded")
+                       if hasattr(torch.Tag, t))
+
+    def __init__(self):
+        self._records: dict = {}
+        self._functional: dict = {}
+        self.hits = self.misses = 0
+
+    def call(self, func, args, kwargs):
+        key = self._key(func, args, kwargs)
+        if key is None:
+            return func(*args, **kwargs)
+        record = self._records.get(key)
+        if record is not None:
+            self.hits += 1
+            leaves, spec = record
+            return spec.unflatten([torch.empty_strided(leaf[0], leaf[1], dtype=leaf[2], device="meta")
+                                   if type(leaf) is tuple else leaf for leaf in leaves])  # tuple: a tensor's layout
+        self.misses += 1
+        out = func(*args, **kwargs)
+        self._records[key] = self._record(out, args, kwargs) or False  # False: not rebuildable, run it each time
+        return out
+
+    def _is_functional(self, func) -> bool:
+        known = self._functional.get(func)
+        if known is None:
+            schema = func._schema
+            known = self._functional[func] = not (
+                schema.is_mutable or any(r.alias_info is not None for r in schema.returns)
+                or any(tag in func.tags for tag in self._SKIP_TAGS))
+        return known
+
+    def _key(self, func, args, kwargs):
+        if not isinstance(func, torch._ops.OpOverload) or not self._is_functional(func):
+            return None
+        parts = [func]
+        if not _key_parts(args, parts) or not _key_parts(tuple(sorted(kwargs.items())), parts):
+            return None
+        key = tuple(parts)
+        return None if self._records.get(key, True) is False else key
+
+    @staticmethod
+    def _record(out, args, kwargs):
+        leaves, spec = tree_flatten(out)
+        seen = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        record = []
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor):  # a new storage of its own (not an input's, not another output's)
+                if type(leaf) not in _PLAIN_TENSORS or not leaf.is_meta or leaf.untyped_storage()._cdata in seen:
+                    return None
+                seen.add(leaf.untyped_storage()._cdata)
+                layout = (tuple(leaf.shape), tuple(leaf.stride()), leaf.dtype)
+                rebuilt = torch.empty_strided(layout[0], layout[1], dtype=layout[2], device="meta")
+                if rebuilt.untyped_storage().nbytes() != leaf.untyped_storage().nbytes() or leaf.storage_offset():
+                    return None
+                record.append(layout)
+            elif leaf is None or isinstance(leaf, (bool, int, float)):
+                record.append(leaf)
+            else:
+                return None
+        return record, spec
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_KEY_SCALARS = frozenset((type(None), bool, int, float, str, torch.dtype, torch.device, torch.layout,
+                          torch.memory_format))
+
+
+def _key_parts(value, parts: list) -> bool:
+    """Append what an operator's output layout can depend on; False for an argument that cannot be keyed."""
+    kind = type(value)
+    if kind in _PLAIN_TENSORS:
+        if not value.is_meta:
+            return False
+        parts.append((value.shape, value.stride(), value.dtype, value.storage_offset()))
+    elif kind in _KEY_SCALARS:
+        parts.append((kind, value))  # the type too: 1, 1.0 and True hash alike
+    elif kind is tuple or kind is list:
+        parts.append(len(value))
+        for v in value:
+            if not _key_parts(v, parts):
+                return False
+    else:
+        return False
+    return True
 
 
 # -- what the meta device does differently from a GPU ------------------------------------------------------

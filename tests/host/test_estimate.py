@@ -54,6 +54,56 @@ def test_estimate_is_within_5_percent_of_the_allocator_peak(model_dir, tmp_path,
     assert predicted["per_gpu"]["peak"] == pytest.approx(measured["peak"], rel=0.05)
 
 
+@pytest.mark.latest_only  # the cache's unit test below runs on both suites
+def test_cached_meta_outputs_give_the_same_estimate(model_dir, tmp_path, monkeypatch):
+    """The tracker rebuilds repeated operators' outputs from a cache instead of running their meta kernels: every
+    number of the estimate equals the uncached run's (4-bit custom ops, autocast, checkpointing, each method)."""
+    from trainer_plugins.estimate import MetaOutputCache
+
+    cases = {**{case: (flags, None) for case, flags in CASES.items()},
+             "autocast, checkpointing": ({"gradient_checkpointing": True}, "bf16")}
+    cached, hits = {}, []
+    real_call = MetaOutputCache.call
+
+    def counted(self, func, args, kwargs):
+        out = real_call(self, func, args, kwargs)
+        hits.append(self.hits)
+        return out
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MetaOutputCache, "call", counted)
+        for case, (flags, autocast) in cases.items():
+            cached[case] = estimate_recipe(load_recipe(recipe(model_dir, tmp_path, **flags)), device="cpu",
+                                           mixed_precision=autocast)
+    assert max(hits) > 100  # four identical layers: most operators repeat
+    monkeypatch.setattr(MetaOutputCache, "call", lambda self, func, args, kwargs: func(*args, **kwargs))
+    for case, (flags, autocast) in cases.items():
+        uncached = estimate_recipe(load_recipe(recipe(model_dir, tmp_path, **flags)), device="cpu",
+                                   mixed_precision=autocast)
+        assert uncached == cached[case], case
+
+
+def test_meta_output_cache_keys_layouts_and_skips_what_it_cannot_rebuild():
+    from trainer_plugins.estimate import MetaOutputCache
+
+    cache = MetaOutputCache()
+    x = torch.empty(4, 6, device="meta")
+    clone = torch.ops.aten.clone.default
+    for source in (x, x.t(), x, x.t()):  # clone keeps the input's strides: they are part of the key
+        out = cache.call(clone, (source,), {})
+        assert out.stride() == source.stride() and out.untyped_storage() is not source.untyped_storage()
+    assert (cache.hits, cache.misses) == (2, 2)
+    assert cache.call(torch.ops.aten.add.Tensor, (x, 1), {}).shape == (4, 6)
+    assert cache.call(torch.ops.aten.add.Tensor, (x, 1.0), {}) is not None and cache.misses == 4  # 1 and 1.0: two keys
+    for func, args in [(torch.ops.aten.add_.Tensor, (x, 1)),  # mutates its input
+                       (torch.ops.aten.view.default, (x, [24])),  # aliases it
+                       (torch.ops.aten.clone.default, (torch.empty(3),))]:  # a CPU tensor: its kernel runs
+        before = (cache.hits, cache.misses)
+        cache.call(func, args, {})
+        cache.call(func, args, {})
+        assert (cache.hits, cache.misses) == before, func
+
+
 AUTOCAST_CASES = {  # trained as with bf16: true; float32 weights unless dtype says otherwise; whether the peak moves
     "full fine-tuning, checkpointing": ({"gradient_checkpointing": True}, True),
     "lst, bfloat16 backbone": ({"lst": True, "dtype": "bfloat16"}, True),
