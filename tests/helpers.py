@@ -131,6 +131,87 @@ def torchrun(script, args, timeout: int = 600) -> subprocess.CompletedProcess:
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def shared_torchrun(request, script, prepare, timeout_per_case: int = 240) -> Path:
+    """The output directory of this test's case in ONE torchrun launch of ``script`` for every selected case of
+    the calling parametrized test: each launch spends ~14 s starting two processes that import torch,
+    transformers and DeepSpeed, which the cases then share (the worker runs them in turn through
+    ``run_worker_jobs``). The first test (of any pytest-xdist worker) to get here runs the launch under a
+    file lock; the others read its results. ``prepare(params, directory)`` writes what a case needs into its
+    directory and returns the worker's arguments for it (``params``: the case's parametrization)."""
+    import json
+
+    import pytest
+    from filelock import FileLock
+
+    me = request.node
+    tmp = request.getfixturevalue("tmp_path_factory").getbasetemp()
+    shared = tmp.parent if os.environ.get("PYTEST_XDIST_WORKER") else tmp  # the session's root under xdist
+    root = shared / f"launch-{me.path.stem}-{me.originalname}"
+    with FileLock(str(root) + ".lock"):
+        if not (root / "launched").exists():
+            cases = [item for item in request.session.items
+                     if getattr(item, "originalname", None) == me.originalname and item.path == me.path]
+            jobs = []
+            for item in cases:
+                (root / _dir_name(item)).mkdir(parents=True)
+                args = prepare(item.callspec.params, root / _dir_name(item))
+                jobs.append({"case": item.callspec.id, "dir": str(root / _dir_name(item)), "args": [str(a) for a in args]})
+            (root / "jobs.json").write_text(json.dumps(jobs, indent=1))
+            try:
+                run = torchrun(script, ["--jobs", root / "jobs.json"], timeout=120 + timeout_per_case * len(jobs))
+                (root / "launch.log").write_text(f"exit code {run.returncode}\n{run.stderr[-6000:]}")
+            except subprocess.TimeoutExpired as exc:
+                (root / "launch.log").write_text(f"timed out after {exc.timeout} s\n{str(exc.stderr)[-6000:]}")
+            (root / "launched").touch()
+    directory = root / _dir_name(me)
+    errors = sorted(directory.glob("error-rank*.txt"))
+    if errors:
+        pytest.fail("\n".join(e.read_text() for e in errors), pytrace=False)
+    if not all((directory / f"done-rank{r}").exists() for r in (0, 1)):
+        failed = [d.name for d in root.iterdir() if any(d.glob("error-rank*.txt"))]
+        pytest.fail(f"the shared launch ended before this case ran (failed first: {failed}); "
+                    f"{(root / 'launch.log').read_text()}", pytrace=False)
+    return directory
+
+
+def _dir_name(item) -> str:
+    import re
+
+    return re.sub(r"[^\w.-]+", "_", item.callspec.id)
+
+
+def run_worker_jobs(main) -> None:
+    """A torchrun worker's entry: ``--jobs FILE`` runs ``main(*args)`` for every job of shared_torchrun in turn,
+    with the global state DeepSpeed and accelerate leave behind reset between jobs (as tests/conftest.py's
+    deepspeed_env does in-process; the process group stays); plain arguments run ``main`` once."""
+    import gc
+    import json
+    import traceback
+
+    if sys.argv[1:2] != ["--jobs"]:
+        main(*sys.argv[1:])
+        exit_worker()
+    import torch
+    from accelerate.state import AcceleratorState
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    for job in json.loads(Path(sys.argv[2]).read_text()):
+        rank = int(os.environ["RANK"])
+        try:
+            main(*job["args"])
+        except BaseException:  # the other rank may wait in a collective: leave now (torchrun ends it too)
+            Path(job["dir"], f"error-rank{rank}.txt").write_text(f"{job['case']}, rank {rank}:\n{traceback.format_exc()}")
+            sys.stderr.flush()
+            os._exit(1)
+        Path(job["dir"], f"done-rank{rank}").touch()
+        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+        AcceleratorState._reset_state(True)
+        unset_hf_deepspeed_config()
+        torch._dynamo.reset()
+        gc.collect()
+    exit_worker()
+
+
 def torchrun_cli(args, timeout: int = 600) -> subprocess.CompletedProcess:
     """`trainer-plugins ARGS` in 2 CPU processes, without DeepSpeed's shm JIT build (tests/host/cli_no_shm.py)."""
     return torchrun(ROOT / "tests" / "host" / "cli_no_shm.py", args, timeout)

@@ -2,7 +2,7 @@
 the peak bytes held during step 2 (see PeakOfStep) in OUT/peak-rank{R}.json.
 The per-GPU side of `trainer-plugins estimate` (DDP buckets, ZeRO partitions) is checked against it.
 
-Usage: torchrun --nproc_per_node 2 estimate_worker.py RECIPE.yaml OUT_DIR
+Usage: torchrun --nproc_per_node 2 estimate_worker.py RECIPE.yaml OUT_DIR   (or --jobs FILE: helpers.shared_torchrun)
 """
 
 import gc
@@ -19,7 +19,7 @@ sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # skip the CPU 
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from helpers import exit_worker  # noqa: E402
+from helpers import run_worker_jobs  # noqa: E402
 from trainer_plugins import PluginTrainer  # noqa: E402
 from trainer_plugins.data import build_datasets, data_collator  # noqa: E402
 from trainer_plugins.estimate import MemoryTracker  # noqa: E402
@@ -33,13 +33,15 @@ class PeakOfStep(TrainerCallback):
     what the operators allocate until it ends, minus what is freed, as the estimate's tracker counts. The
     profiler's memory timeline (the single-process reference) cannot follow DeepSpeed's in-place buffers."""
 
-    def __init__(self, out: Path, step: int = 1):
+    def __init__(self, out: Path, step: int = 1, earlier=()):
         self.out, self.step, self.tracker = out, step, None
+        self.earlier = {t.untyped_storage()._cdata for t in earlier}  # alive (held) since before this run
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step == self.step:
             gc.collect()
-            alive = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and not o.is_meta]
+            alive = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and not o.is_meta
+                     and o.untyped_storage()._cdata not in self.earlier]
             self.tracker = MemoryTracker()
             self.tracker.adopt(alive)
             self.tracker.reset_peak()
@@ -56,16 +58,19 @@ class PeakOfStep(TrainerCallback):
 
 
 def main(recipe_path: str, out: str):
+    # tensors an earlier run of this process left alive are not this run's: held, so no new storage takes
+    # one's address while the step is measured
+    gc.collect()
+    earlier = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and not o.is_meta]
     recipe = load_recipe(recipe_path)
     args = recipe.args
     tokenizer = load_tokenizer(recipe.model_args)
     model = args._host.call_first("load_model", args, model_args=recipe.model_args)
     train_ds, _ = build_datasets(recipe.data_args, tokenizer, seed=args.seed)
     trainer = PluginTrainer(model=model, args=args, train_dataset=train_ds, data_collator=data_collator(tokenizer))
-    trainer.add_callback(PeakOfStep(Path(out)))
+    trainer.add_callback(PeakOfStep(Path(out), earlier=earlier))
     trainer.train()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
-    exit_worker()
+    run_worker_jobs(main)

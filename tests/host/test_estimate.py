@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ROOT, save_tiny_llama, torchrun
+from tests.helpers import ROOT, save_tiny_llama, shared_torchrun
 from trainer_plugins.cli import main as cli
 from trainer_plugins.errors import ConfigError
 from trainer_plugins.estimate import GiB, StepMemory, distribute, estimate_recipe, measure_recipe
@@ -230,23 +230,26 @@ ZERO_CASES = {
 
 @pytest.mark.latest_only  # DeepSpeed's partitioning and the estimate's arithmetic; one-process estimates run on both
 @pytest.mark.parametrize("case", list(ZERO_CASES))
-def test_per_gpu_estimate_under_zero_with_two_processes(case, tmp_path, tokenizer_dir, request):
+def test_per_gpu_estimate_under_zero_with_two_processes(case, tokenizer_dir, request):
     """A rank of a real 2-process DeepSpeed run (gloo, CPU): what it holds at the peak of a steady-state step
-    (tests/host/estimate_worker.py) against the estimate's simulated rank. Seen: 0.97-1.004."""
+    (tests/host/estimate_worker.py; all cases in one launch) against the estimate's simulated rank.
+    Seen: 0.97-1.004."""
     import yaml
 
+    def prepare(params, directory):
+        stage, flags = ZERO_CASES[params["case"]]
+        shape = {k: v for k, v in SHAPE.items() if k != "vocab_size"}  # the SmolLM2 tokenizer's vocabulary
+        model = save_tiny_llama(directory / "model", tokenizer_dir, **shape)
+        r = recipe(model, directory, deepspeed=str(ROOT / f"recipes/deepspeed/zero{stage}.json"),
+                   max_train_samples=64, max_steps=3, save_strategy="no", use_cpu=True, **flags)
+        (directory / "recipe.yaml").write_text(yaml.safe_dump(r))
+        (directory / "peaks").mkdir()
+        return [directory / "recipe.yaml", directory / "peaks"]
+
+    directory = shared_torchrun(request, ROOT / "tests" / "host" / "estimate_worker.py", prepare)
+    measured = max(json.loads((directory / "peaks" / f"peak-rank{rank}.json").read_text())["peak"] for rank in (0, 1))
     request.getfixturevalue("deepspeed_env")  # estimate_recipe builds TrainingArguments(deepspeed=...) here
-    stage, flags = ZERO_CASES[case]
-    shape = {k: v for k, v in SHAPE.items() if k != "vocab_size"}  # the SmolLM2 tokenizer's vocabulary
-    model = save_tiny_llama(tmp_path / "model", tokenizer_dir, **shape)
-    r = recipe(model, tmp_path, deepspeed=str(ROOT / f"recipes/deepspeed/zero{stage}.json"), max_train_samples=64,
-               max_steps=3, save_strategy="no", use_cpu=True, **flags)
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(r))
-    (tmp_path / "out").mkdir()
-    run = torchrun(ROOT / "tests" / "host" / "estimate_worker.py", [path, tmp_path / "out"])
-    assert run.returncode == 0, run.stderr[-3000:]
-    measured = max(json.loads((tmp_path / "out" / f"peak-rank{rank}.json").read_text())["peak"] for rank in (0, 1))
+    r = yaml.safe_load((directory / "recipe.yaml").read_text())
     predicted = estimate_recipe(load_recipe(r), world_size=2, device="cpu")["per_gpu"]["peak"]
     assert predicted == pytest.approx(measured, rel=0.05)
 

@@ -1,7 +1,8 @@
 """Run by torchrun (2 CPU processes, gloo) from test_sparse.py: sparse pre-training of a tiny Llama under
 DeepSpeed ZeRO-STAGE (or plain DDP) through the Trainer; writes the losses and the final zero pattern.
 
-Usage: torchrun --nproc_per_node 2 sparse_zero_worker.py STAGE|ddp OUT_DIR [flag=value ...]
+Usage: torchrun --nproc_per_node 2 sparse_zero_worker.py STAGE|ddp OUT_DIR [flag=JSON ...]
+   (or --jobs FILE: helpers.shared_torchrun)
 """
 
 import importlib
@@ -20,11 +21,12 @@ from transformers import LlamaForCausalLM  # noqa: E402
 from trainer_plugins import PluginTrainer, PluginTrainingArguments  # noqa: E402
 from trainer_plugins.models import tiny_llama_config  # noqa: E402
 from trainer_plugins_sparse.plugin import sparse_state  # noqa: E402
-from helpers import counting_dataset, exit_worker, losses  # noqa: E402
+from helpers import counting_dataset, losses, run_worker_jobs  # noqa: E402
 from test_sparse import COMMON, SPARSE  # noqa: E402
 
 
-def main(stage: str, out: str, extra: dict):
+def main(stage: str, out: str, *flags: str):
+    extra = {k: json.loads(v) for k, v in (flag.split("=", 1) for flag in flags)}
     ds = None  # "ddp": plain DDP, no DeepSpeed
     if stage != "ddp":
         zero = {"stage": int(stage), "stage3_gather_16bit_weights_on_model_save": True}
@@ -47,6 +49,4 @@ def main(stage: str, out: str, extra: dict):
 
 
 if __name__ == "__main__":
-    flags = dict(arg.split("=", 1) for arg in sys.argv[3:])
-    main(sys.argv[1], sys.argv[2], {k: json.loads(v) for k, v in flags.items()})
-    exit_worker()
+    run_worker_jobs(main)

@@ -213,7 +213,7 @@ def test_zero_in_one_process_equals_plain(stage, tmp_path, deepspeed_env):
                                           # ZeRO-3 + APOLLO with random scores: no threshold to swap at, exact
                                           (3, {"apollo": "mini", "apollo_update_proj_gap": 3, "sparse": "random",
                                                "sparse_scope": "layer"})])
-def test_two_processes_equal_one_process(stage, flags, tmp_path):
+def test_two_processes_equal_one_process(stage, flags, tmp_path, request):
     """Two ranks (gloo): DDP prunes identical copies identically; ZeRO-2 masks the fp32 master partitions and moments of whole weights; ZeRO-3
     scores each rank's slices and finds the threshold from histograms summed across ranks, with the
     small weights kept whole between steps (the default) or all partitioned (as in large models); and
@@ -223,15 +223,15 @@ def test_two_processes_equal_one_process(stage, flags, tmp_path):
     identical and the losses agree within 4e-6, so that case pins APOLLO's partitioned updates under the masks."""
     from safetensors.torch import load_file
 
-    from helpers import ROOT, torchrun
+    from helpers import ROOT, shared_torchrun
 
+    def prepare(params, directory):  # every case in one launch
+        return [params["stage"], directory / "zero", *(f"{k}={json.dumps(v)}" for k, v in params["flags"].items())]
+
+    out = shared_torchrun(request, ROOT / "tests" / "plugins" / "sparse_zero_worker.py", prepare) / "zero"
     plain = trainer_for(tmp_path, "plain", **{k: v for k, v in flags.items() if k != "persistence_threshold"})
     plain.train()
     plain.save_model(str(tmp_path / "plain" / "final"))
-    out = tmp_path / "zero"
-    run = torchrun(ROOT / "tests" / "plugins" / "sparse_zero_worker.py",
-                   [stage, out, *(f"{k}={json.dumps(v)}" for k, v in flags.items())])
-    assert run.returncode == 0, run.stderr[-3000:]
     record = json.loads((out / "record.json").read_text())
     # Two half-batches reduced across ranks round differently from one full batch; over 16 steps that
     # drifts to ~2e-5 relative (seen with transformers 5.24), so a weight at the global magnitude
