@@ -92,9 +92,10 @@ def saved_tensor_bytes(forward) -> int:
     return total
 
 
-def two_processes_equal_one(tmp_path, stage, flags: dict, weights_file: str) -> tuple[list, list]:
+def two_processes_equal_one(tmp_path, stage, flags: dict, weights_file: str, request=None) -> tuple[list, list]:
     """Train the tiny Llama with ``flags`` in one process (batch 4) and in two (torchrun, 2 per rank, DDP
-    or ZeRO-``stage``); returns both loss curves after checking the saved ``weights_file`` agrees."""
+    or ZeRO-``stage``); returns both loss curves after checking the saved ``weights_file`` agrees. With the
+    ``request`` of a test parametrized by ``stage`` (same flags for each), its stages share one launch."""
     import json
 
     import torch
@@ -102,13 +103,17 @@ def two_processes_equal_one(tmp_path, stage, flags: dict, weights_file: str) -> 
 
     from trainer_plugins import PluginTrainer, PluginTrainingArguments
 
+    worker = ROOT / "tests" / "plugins" / "trainer_worker.py"
+    if request is not None:
+        out = shared_torchrun(request, worker, lambda params, directory: [params["stage"], directory, json.dumps(flags)])
+    else:
+        out = tmp_path / "dist"
+        run = torchrun(worker, [stage, out, json.dumps(flags)])
+        assert run.returncode == 0, run.stderr[-3000:]
     plain = PluginTrainer(model=tiny_llama(), train_dataset=counting_dataset(),
                           args=PluginTrainingArguments(output_dir=str(tmp_path / "plain"), **flags))
     plain.train()
     plain.save_model()
-    out = tmp_path / "dist"
-    run = torchrun(ROOT / "tests" / "plugins" / "trainer_worker.py", [stage, out, json.dumps(flags)])
-    assert run.returncode == 0, run.stderr[-3000:]
     ours, reference = load_file(str(out / weights_file)), load_file(str(tmp_path / "plain" / weights_file))
     assert ours.keys() == reference.keys() and len(ours) > 0
     for key in ours:  # within the loss tolerance's drift (reduction order, see test_sparse)
@@ -236,11 +241,12 @@ def zero_recipe(tmp_path, model_dir, stage: int, run: dict | None = None, **trai
     return path
 
 
-def four_bit_two_processes_equal_one(tmp_path, model_dir, stage, weights_file: str, **train) -> dict:
+def four_bit_two_processes_equal_one(request, tmp_path, model_dir, stage, weights_file: str, **train) -> tuple[dict, Path]:
     """A recipe on a 4-bit (NF4, float32 compute) base through the CLI in 2 processes (DDP or ZeRO-``stage``,
     2 sequences per rank) and in one (4 per step): same logged losses; the saved ``weights_file`` agrees. Under
-    ZeRO-3 the first process held about half the weights (partitioned, 4-bit ones included). Returns the
-    weights the two processes saved."""
+    ZeRO-3 the first process held about half the weights (partitioned, 4-bit ones included). The stages of the
+    calling test (parametrized by ``stage``, the same ``train`` for each) share one launch. Returns the weights
+    the two processes saved and their output directory."""
     import json
 
     import pytest
@@ -250,15 +256,18 @@ def four_bit_two_processes_equal_one(tmp_path, model_dir, stage, weights_file: s
 
     from trainer_plugins.recipes import load_recipe, run_recipe
 
-    (tmp_path / "two").mkdir()
-    path = zero_recipe(tmp_path / "two", model_dir, 2 if stage == "ddp" else stage, bnb_4bit_compute_dtype="float32",
-                       **train, **({"deepspeed": None} if stage == "ddp" else {}))
-    recipe = yaml.safe_load(path.read_text())
-    recipe["model"]["load_in_4bit"] = True
-    path.write_text(yaml.safe_dump(recipe))
-    run = torchrun_cli(["train", path])
-    assert run.returncode == 0, run.stderr[-4000:]
-    one_out, two_out = tmp_path / "one", tmp_path / "two" / "out"
+    def prepare(params, directory):
+        stage = params["stage"]
+        path = zero_recipe(directory, model_dir, 2 if stage == "ddp" else stage, bnb_4bit_compute_dtype="float32",
+                           **train, **({"deepspeed": None} if stage == "ddp" else {}))
+        recipe = yaml.safe_load(path.read_text())
+        recipe["model"]["load_in_4bit"] = True
+        path.write_text(yaml.safe_dump(recipe))
+        return ["train", path]
+
+    two = shared_torchrun(request, ROOT / "tests" / "host" / "cli_no_shm.py", prepare)
+    recipe = yaml.safe_load((two / "recipe.yaml").read_text())
+    one_out, two_out = tmp_path / "one", two / "out"
     one = {**recipe, "train": {**recipe["train"], "output_dir": str(one_out), "deepspeed": None,
                                "per_device_train_batch_size": 4}}
     whole = run_recipe(load_recipe(one))["memory"]["parameter_bytes"]
@@ -277,4 +286,4 @@ def four_bit_two_processes_equal_one(tmp_path, model_dir, stage, weights_file: s
     # that into up to a few 1e-4 of its weight; a rank left out or an unsynchronised weight moves by ~lr per step.
     for key in ours:
         torch.testing.assert_close(ours[key], reference[key], rtol=1e-3, atol=1e-3)
-    return ours
+    return ours, two_out

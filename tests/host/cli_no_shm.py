@@ -10,7 +10,18 @@ sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers
 
-from trainer_plugins.cli import main  # noqa: E402
-from helpers import exit_worker  # noqa: E402
+from trainer_plugins import cli  # noqa: E402
+from helpers import exit_worker, run_worker_jobs  # noqa: E402
 
-exit_worker(main())
+
+def run(*args: str) -> None:
+    code = cli.main(list(args))
+    if code:
+        raise SystemExit(f"trainer-plugins {' '.join(args)} exited with {code}")
+
+
+if sys.argv[1:2] == ["--jobs"]:  # several runs in one launch (helpers.shared_torchrun): one process group for all
+    cli.end_distributed = lambda: None  # run_worker_jobs ends it after the last
+    run_worker_jobs(run)
+else:
+    exit_worker(cli.main())

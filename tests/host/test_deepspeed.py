@@ -6,7 +6,7 @@ import json
 import probe_plugin
 import pytest
 import torch
-from helpers import torchrun_cli, zero_recipe
+from helpers import ROOT, shared_torchrun, zero_recipe
 from transformers import LlamaForCausalLM
 
 from trainer_plugins import PluginTrainer
@@ -47,14 +47,16 @@ def test_plugin_optimizer_is_wrapped_by_zero(stage, tmp_path, token_dataset, pro
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
-def test_recipe_with_two_processes(stage, tmp_path, tiny_model_dir):
-    recipe = zero_recipe(tmp_path, tiny_model_dir, stage, run={"sample_prompt": "Say hi", "sample_max_new_tokens": 4})
-    out = torchrun_cli(["train", recipe])
-    assert out.returncode == 0, out.stderr[-4000:]
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
+def test_recipe_with_two_processes(stage, request, tiny_model_dir):
+    def prepare(params, directory):  # both stages in one launch
+        return ["train", zero_recipe(directory, tiny_model_dir, params["stage"],
+                                     run={"sample_prompt": "Say hi", "sample_max_new_tokens": 4})]
+
+    out = shared_torchrun(request, ROOT / "tests" / "host" / "cli_no_shm.py", prepare) / "out"
+    results = json.loads((out / "results.json").read_text())
     assert results["train"]["steps"] == 4
     assert results["after"]["eval_loss"] < results["before"]["eval_loss"]
-    assert (tmp_path / "out" / "checkpoint-4").is_dir()
+    assert (out / "checkpoint-4").is_dir()
     assert ("sample_after" in results) == (stage == 2)  # ZeRO-3 holds no whole weights to generate with
-    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "out")  # ZeRO-3: gathered 16-bit weights on save
+    reloaded = LlamaForCausalLM.from_pretrained(out)  # ZeRO-3: gathered 16-bit weights on save
     assert reloaded.model.embed_tokens.weight.shape[0] > 0

@@ -21,7 +21,7 @@ import torch.distributed as dist  # noqa: E402
 
 from trainer_plugins.zero import zero_layout  # noqa: E402
 from trainer_plugins_apollo.optimizer import APOLLO, apollo_param_groups  # noqa: E402
-from helpers import exit_worker  # noqa: E402
+from helpers import run_worker_jobs  # noqa: E402
 
 # (name, apollo group settings): channel (rank 3, refresh every 2 steps) and tensor (Mini), limiter on/off, and
 # a rank above one weight's smaller side
@@ -98,8 +98,8 @@ def max_rel_error(a, b):
     return max(float((a[n] - b[n]).abs().max() / (b[n].abs().max() + 1e-12)) for n in b)
 
 
-def main():
-    stage, out, ckpt = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+def main(stage: str, out: str, ckpt: str):
+    stage = int(stage)
     deepspeed.init_distributed(dist_backend="gloo")
     report = {"world_size": dist.get_world_size(), "configs": {}}
     for name, cfg in CONFIGS.items():
@@ -133,5 +133,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
-    exit_worker()
+    run_worker_jobs(main)

@@ -17,7 +17,7 @@ sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # skip the CPU 
 from transformers import LlamaForCausalLM  # noqa: E402
 
 from trainer_plugins import PluginTrainer, PluginTrainingArguments  # noqa: E402
-from helpers import counting_dataset, exit_worker, losses  # noqa: E402
+from helpers import counting_dataset, losses, run_worker_jobs  # noqa: E402
 from test_loram import COMMON, LORAM  # noqa: E402
 
 
@@ -39,5 +39,4 @@ def main(stage: str, out: str, model_dir: str):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
-    exit_worker()
+    run_worker_jobs(main)

@@ -21,7 +21,7 @@ from transformers import LlamaForCausalLM  # noqa: E402
 
 from trainer_plugins import PluginTrainer, PluginTrainingArguments  # noqa: E402
 from trainer_plugins_lst import side_of  # noqa: E402
-from helpers import exit_worker, losses  # noqa: E402
+from helpers import losses, run_worker_jobs  # noqa: E402
 from test_lst import COMMON, LST, cycles  # noqa: E402
 
 
@@ -50,5 +50,4 @@ def main(stage: str, out: str, model_dir: str):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
-    exit_worker()
+    run_worker_jobs(main)

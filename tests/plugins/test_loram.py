@@ -14,8 +14,8 @@ from trainer_plugins.models import tiny_llama_config
 from trainer_plugins.recipes import load_recipe, run_recipe
 from trainer_plugins_loram.pruning import INDEX_FILE, PruningPlan
 from trainer_plugins_loram.storage import load_pruned_model
-from helpers import (ROOT, counting_dataset, four_bit_two_processes_equal_one, losses, save_tiny_llama, torchrun,
-                     torchrun_cli, zero_recipe)
+from helpers import (ROOT, counting_dataset, four_bit_two_processes_equal_one, losses, save_tiny_llama,
+                     shared_torchrun, torchrun_cli, zero_recipe)
 
 SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
 COMMON = dict(per_device_train_batch_size=4, logging_steps=1, report_to=[], use_cpu=True, seed=0, learning_rate=1e-2,
@@ -218,13 +218,12 @@ def test_refusals_that_need_the_model_config_or_setup(model_dir, tmp_path, deeps
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["ddp", 2, 3])
-def test_two_processes_equal_one_process_and_save_a_complete_adapter(model_dir, stage, tmp_path):
+def test_two_processes_equal_one_process_and_save_a_complete_adapter(model_dir, stage, tmp_path, request):
+    out = shared_torchrun(request, ROOT / "tests" / "plugins" / "loram_zero_worker.py",  # every stage in one launch
+                          lambda params, directory: [params["stage"], directory, model_dir])
     plain = trainer_for(model_dir, tmp_path / "plain")
     plain.train()
     plain.save_model()
-    out = tmp_path / "zero"
-    run = torchrun(ROOT / "tests" / "plugins" / "loram_zero_worker.py", [stage, out, model_dir])
-    assert run.returncode == 0, run.stderr[-3000:]
     record = json.loads((out / "record.json").read_text())
     assert record["losses"] == pytest.approx(losses(plain), rel=1e-5)
     ours = load_file(str(out / "adapter_model.safetensors"))
@@ -260,15 +259,14 @@ def qloram_model_dir(tmp_path_factory, tokenizer_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["ddp", 2, 3])
-def test_qloram_with_two_processes_equals_one_process(qloram_model_dir, tmp_path, stage):
+def test_qloram_with_two_processes_equals_one_process(qloram_model_dir, tmp_path, stage, request):
     """QLoRAM through the CLI with 2 processes (DDP, ZeRO-2 or ZeRO-3): each rank prunes the same way, quantises
     its copy to NF4 (ZeRO-3 then partitions it) and trains the LoRA on it; the losses equal the one-process run
     on the same global batches and the saved adapter is complete, recovered to the original shapes and loads
     in plain peft."""
     pytest.importorskip("bitsandbytes")
-    adapter = four_bit_two_processes_equal_one(tmp_path, qloram_model_dir, stage, "adapter_model.safetensors",
-                                               **LORAM, learning_rate=1e-2)
+    adapter, out = four_bit_two_processes_equal_one(request, tmp_path, qloram_model_dir, stage,
+                                                    "adapter_model.safetensors", **LORAM, learning_rate=1e-2)
     assert len(adapter) == 4 * 7 * 2 and adapter["base_model.model.model.layers.2.mlp.up_proj.lora_B.weight"].shape == (256, 4)
-    out = tmp_path / "two" / "out"
     assert json.loads((out / "loram.json").read_text())["4bit"] == "nf4"
     PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(qloram_model_dir), str(out))

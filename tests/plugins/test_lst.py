@@ -16,7 +16,7 @@ from trainer_plugins.models import tiny_llama_config
 from trainer_plugins.recipes import load_recipe, run_recipe
 from trainer_plugins_lst import load, side_of
 from trainer_plugins_lst.plugin import CONFIG_NAME, WEIGHTS_NAME, _check_cuda_graphs
-from helpers import ROOT, four_bit_two_processes_equal_one, losses, save_tiny_llama, torchrun
+from helpers import ROOT, four_bit_two_processes_equal_one, losses, save_tiny_llama, shared_torchrun
 
 SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
 COMMON = dict(per_device_train_batch_size=4, logging_steps=1, report_to=[], use_cpu=True, seed=0, learning_rate=1e-2,
@@ -247,13 +247,12 @@ def test_recipe_with_a_4bit_backbone_and_fisher_importance(recipe_model_dir, tmp
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["ddp", 2, 3, "2-compile"])  # 2-compile: ZeRO-2 with lst_compile, eager's losses
-def test_two_processes_equal_one_process_and_save_the_side_network(model_dir, stage, tmp_path):
+def test_two_processes_equal_one_process_and_save_the_side_network(model_dir, stage, tmp_path, request):
+    out = shared_torchrun(request, ROOT / "tests" / "plugins" / "lst_zero_worker.py",  # every stage in one launch
+                          lambda params, directory: [params["stage"], directory, model_dir])
     plain = trainer_for(model_dir, tmp_path / "plain")
     plain.train()
     plain.save_model()
-    out = tmp_path / "dist"
-    run = torchrun(ROOT / "tests" / "plugins" / "lst_zero_worker.py", [stage, out, model_dir])
-    assert run.returncode == 0, run.stderr[-3000:]
     record = json.loads((out / "record.json").read_text())
     assert record["losses"] == pytest.approx(losses(plain), rel=1e-5)
     assert record["compiled_layers"] == (plain.model.config.num_hidden_layers if "compile" in str(stage) else 0)
@@ -265,11 +264,12 @@ def test_two_processes_equal_one_process_and_save_the_side_network(model_dir, st
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["ddp", 2, 3])
-def test_4bit_backbone_with_two_processes_equals_one_process(recipe_model_dir, tmp_path, stage):
+def test_4bit_backbone_with_two_processes_equals_one_process(recipe_model_dir, tmp_path, stage, request):
     """QST-style LST (NF4 backbone) through the CLI with 2 processes: under DDP and ZeRO-2 each rank quantises its
     own frozen backbone, under ZeRO-3 DeepSpeed partitions the packed 4-bit weights (stored in the compute dtype)
     and gathers them for each layer; the losses equal the one-process run on the same global batches and the
     saved side network equals its side network."""
     pytest.importorskip("bitsandbytes")
-    saved = four_bit_two_processes_equal_one(tmp_path, recipe_model_dir, stage, WEIGHTS_NAME, **LST, learning_rate=1e-2)
+    saved, _ = four_bit_two_processes_equal_one(request, tmp_path, recipe_model_dir, stage, WEIGHTS_NAME, **LST,
+                                                learning_rate=1e-2)
     assert all(k.startswith("lst_side.") for k in saved)

@@ -157,13 +157,13 @@ def test_unsupported_architecture(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["ddp", 2])
-def test_two_processes_equal_one_process(stage, tmp_path):
+def test_two_processes_equal_one_process(stage, tmp_path, request):
     """2 ranks x batch 2 = 1 process x batch 4: the coupling's backward hands its gradients to autograd,
     so DDP's and ZeRO-2's gradient hooks reduce them like any other."""
     from helpers import two_processes_equal_one
 
     flags = dict(COMMON, meft="meft1", max_steps=8, learning_rate=3e-2)
-    dist, plain = two_processes_equal_one(tmp_path, stage, flags, "adapter_model.safetensors")
+    dist, plain = two_processes_equal_one(tmp_path, stage, flags, "adapter_model.safetensors", request)
     assert dist == pytest.approx(plain, rel=1e-4)  # reduction order: see test_sparse
 
 
@@ -197,14 +197,14 @@ def test_4bit_base_reconstructs_exactly(tiny_model_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["ddp", 2])
-def test_4bit_base_with_two_processes_equals_one_process(tiny_model_dir, tmp_path, stage):
+def test_4bit_base_with_two_processes_equals_one_process(tiny_model_dir, tmp_path, stage, request):
     """MEFT on an NF4 base through the CLI with 2 processes (DDP or ZeRO-2): each rank quantises its own frozen
     base; the losses and the saved adapter equal the one-process run's."""
     pytest.importorskip("bitsandbytes")
     from helpers import four_bit_two_processes_equal_one
 
-    saved = four_bit_two_processes_equal_one(tmp_path, tiny_model_dir, stage, "adapter_model.safetensors",
-                                             meft="meft1", learning_rate=1e-2)
+    saved, _ = four_bit_two_processes_equal_one(request, tmp_path, tiny_model_dir, stage, "adapter_model.safetensors",
+                                                meft="meft1", learning_rate=1e-2)
     assert saved
 
 

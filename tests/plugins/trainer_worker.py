@@ -2,7 +2,7 @@
 the given flags under DeepSpeed ZeRO-STAGE or plain DDP, 2 examples per rank; writes the losses and
 saves the model (or adapter) to OUT_DIR. The reference is the same run in one process, 4 per batch.
 
-Usage: torchrun --nproc_per_node 2 trainer_worker.py STAGE|ddp OUT_DIR FLAGS_JSON
+Usage: torchrun --nproc_per_node 2 trainer_worker.py STAGE|ddp OUT_DIR FLAGS_JSON   (or --jobs FILE: helpers.shared_torchrun)
 """
 
 import importlib
@@ -16,10 +16,11 @@ importlib.import_module("deepspeed.comm.torch")
 sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # skip the CPU shm JIT build: gloo is enough
 
 from trainer_plugins import PluginTrainer, PluginTrainingArguments  # noqa: E402
-from helpers import counting_dataset, exit_worker, losses, tiny_llama  # noqa: E402
+from helpers import counting_dataset, losses, run_worker_jobs, tiny_llama  # noqa: E402
 
 
-def main(stage: str, out: str, flags: dict):
+def main(stage: str, out: str, flags: str):
+    flags = json.loads(flags)
     ds = None
     if stage != "ddp":
         ds = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_clipping": "auto",
@@ -34,5 +35,4 @@ def main(stage: str, out: str, flags: dict):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))
-    exit_worker()
+    run_worker_jobs(main)
