@@ -86,6 +86,30 @@ def test_only_the_side_network_trains_and_is_saved_alone_and_reloads(model_dir, 
         load(LlamaForCausalLM(tiny_llama_config(**{**SHAPE, "hidden_size": 32})), tmp_path)
 
 
+def test_opt_backbone_trains_saves_and_reloads(tmp_path):
+    """The other decoder family: OPT (learned positions, LayerNorm, ReLU MLP) through the Trainer; the side network
+    learns, saves alone and reloads onto a fresh backbone with the same outputs."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    OPTForCausalLM(OPTConfig(vocab_size=1000, hidden_size=64, ffn_dim=96, num_hidden_layers=4, num_attention_heads=4,
+                             word_embed_proj_dim=64, max_position_embeddings=64)).save_pretrained(tmp_path / "opt")
+    untouched = logits(OPTForCausalLM.from_pretrained(tmp_path / "opt"))
+    args = PluginTrainingArguments(output_dir=str(tmp_path / "out"), **{**COMMON, **LST, "max_steps": 16})
+    trainer = PluginTrainer(model=OPTForCausalLM.from_pretrained(tmp_path / "opt"), args=args, train_dataset=cycles())
+    assert all(n.startswith("lst_side.") for n, p in trainer.model.named_parameters() if p.requires_grad)
+    torch.testing.assert_close(logits(trainer.model), untouched, rtol=0, atol=0)  # starts as the backbone
+    trainer.train()
+    history = losses(trainer)
+    assert sum(history[-4:]) < sum(history[:4]) - 0.4  # it learns
+    trainer.save_model()
+    assert json.loads((tmp_path / "out" / CONFIG_NAME).read_text())["backbone"]["model_type"] == "opt"
+    trained = logits(trainer.model)
+    assert (trained - untouched).abs().max() > 1e-3
+    reloaded = load(OPTForCausalLM.from_pretrained(tmp_path / "opt"), tmp_path / "out")
+    torch.testing.assert_close(logits(reloaded), trained, rtol=0, atol=0)
+
+
 def test_whole_heads_train_save_and_reload(model_dir, tmp_path):
     """lst_head_size=full: the side layers have r x fewer heads of the backbone's size; the setting is saved with
     the side network, reloads it, and a side directory built the other way is refused."""
@@ -224,7 +248,7 @@ def test_refusals_that_need_the_model_config_or_setup(model_dir, tmp_path, deeps
     bert = tmp_path / "bert"
     BertConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                num_attention_heads=4).save_pretrained(bert)
-    with pytest.raises(ConfigError, match="lst_head_size=full needs an attention whose head size"):
+    with pytest.raises(ConfigError, match="lst_head_size=full keeps whole heads, r times fewer, in decoders"):
         load_recipe(recipe(str(bert), tmp_path, lst_head_size="full"))
     with pytest.raises(ConfigError, match="for encoders use lst_importance=magnitude"):
         load_recipe(recipe(str(bert), tmp_path, lst_importance="fisher"))

@@ -5,8 +5,8 @@ generation equals step-by-step decoding, encoders respect padding, importance sc
 import pytest
 import torch
 from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
-                          RobertaConfig, RobertaForSequenceClassification)
+                          MistralForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM, RobertaConfig, RobertaForSequenceClassification)
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from trainer_plugins import ConfigError
@@ -25,7 +25,11 @@ DECODERS = {
     "mistral": lambda: MistralForCausalLM(MistralConfig(**DECODER, sliding_window=None)),
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**DECODER)),  # q/k/v biases
     "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**DECODER, head_dim=32)),  # q/k norms; heads*head != hidden
+    # learned positions, LayerNorm with bias, biased projections, ReLU MLP (fc1/fc2); no GQA
+    "opt": lambda: OPTForCausalLM(OPTConfig(vocab_size=97, hidden_size=64, ffn_dim=96, num_hidden_layers=4,
+                                            num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64)),
 }
+ROTARY = sorted(families.ROTARY_DECODERS)
 ENCODERS = {
     "bert": lambda: BertForSequenceClassification(BertConfig(**ENCODER)),
     "roberta": lambda: RobertaForSequenceClassification(RobertaConfig(**ENCODER, pad_token_id=1)),
@@ -115,8 +119,13 @@ def test_side_at_full_width_with_closed_gates_reproduces_the_backbone(name):
     side stream that ignores the ladders (gate 1) follows the backbone exactly through its own KV slots."""
     model = make(name)
     # merge none re-normalises the (normalised) side output: make the final norm idempotent
-    model.base_model.norm.weight.data.fill_(1.0)
-    model.base_model.norm.variance_epsilon = 1e-12
+    norm = families.final_norm_of(model)
+    norm.weight.data.fill_(1.0)
+    if getattr(norm, "bias", None) is not None:  # LayerNorm (OPT)
+        norm.bias.data.zero_()
+        norm.eps = 1e-12
+    else:
+        norm.variance_epsilon = 1e-12
     reference = output(model)
     side = with_side(model, reduction=1, merge="none")
     for step in side.steps:
@@ -146,7 +155,7 @@ def pruned_attention_pair(model, settings):
     return side, selection, (big, x_full, rope), (small, x_side, side_rope)
 
 
-@pytest.mark.parametrize("name", sorted(DECODERS))
+@pytest.mark.parametrize("name", ROTARY)
 def test_pruned_heads_rotate_like_the_backbone_heads_kept_dims(name):
     """The side's queries/keys after RoPE equal the backbone's for the kept pairs (input on the kept dims)."""
     model = make(name)
@@ -174,7 +183,7 @@ def test_pruned_heads_rotate_like_the_backbone_heads_kept_dims(name):
     assert (dims[hs // 2:] == dims[: hs // 2] + hd // 2).all()  # rotation pairs stay together
 
 
-@pytest.mark.parametrize("name", sorted(DECODERS))
+@pytest.mark.parametrize("name", ROTARY)
 def test_whole_heads_are_backbone_heads_on_the_kept_dims(name):
     """lst_head_size=full: a side head is a kept backbone head, whole. On an input that lives on the kept residual
     dims its queries and keys after RoPE (the backbone's own frequencies) equal the backbone's for those heads,
@@ -207,6 +216,49 @@ def test_whole_heads_are_backbone_heads_on_the_kept_dims(name):
         expected = big(x_full, position_embeddings=(cos, sin), attention_mask=None)[0][..., selection.res]
         got = small(x_side, position_embeddings=(cos_s, sin_s), attention_mask=None)[0]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("head_size, reduction", [("reduced", 4), ("full", 2)])
+def test_opt_side_heads_are_the_backbone_heads_kept_units(head_size, reduction):
+    """OPT (learned positions, no RoPE): a pruned side layer's query/key/value projections are the backbone's kept
+    rows, biases included, on an input that lives on the kept residual dims; with whole heads its attention output
+    is the backbone attention's with only the kept heads writing, on those dims."""
+    model = make("opt")
+    config = model.config
+    settings = SideSettings(reduction=reduction, layer_ids=[1], head_size=head_size)
+    side = build(model, settings)
+    selection = select(model, settings)
+    init_pruned(model, side, selection)
+    sets = index_sets(config, selection, 1)
+    assert side.steps[0].inv_freq is None
+    torch.manual_seed(3)
+    x_side = torch.randn(1, 7, 64 // reduction)
+    x_full = torch.zeros(1, 7, 64)
+    x_full[..., selection.res] = x_side
+    big, small = model.base_model.decoder.layers[1].self_attn, side.steps[0].block.self_attn
+    with torch.no_grad():
+        for name, rows in (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")):
+            torch.testing.assert_close(getattr(small, name)(x_side), getattr(big, name)(x_full)[..., sets[rows]],
+                                       rtol=1e-5, atol=1e-5)
+        if head_size == "full":
+            assert small.num_heads == 2 and small.head_dim == big.head_dim
+            writes = torch.zeros_like(big.out_proj.weight)
+            writes[:, sets["o"]] = 1
+            big.out_proj.weight.mul_(writes)  # only the kept heads write
+            expected = big(x_full, attention_mask=None)[0][..., selection.res]
+            torch.testing.assert_close(small(x_side, attention_mask=None)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_opt_checkpoints_lst_cannot_follow_are_refused():
+    base = dict(vocab_size=97, hidden_size=64, ffn_dim=96, num_hidden_layers=4, num_attention_heads=4)
+    with pytest.raises(ConfigError, match="opt-350m"):
+        families.check(OPTConfig(**base, do_layer_norm_before=False), 4, [0])
+    with pytest.raises(ConfigError, match="opt-350m"):
+        families.check(OPTConfig(**base, word_embed_proj_dim=32), 4, [0])
+    with pytest.raises(ConfigError, match="layerdrop=0.1 skips backbone layers"):
+        families.check(OPTConfig(**base, word_embed_proj_dim=64, layerdrop=0.1), 4, [0])
+    families.check(OPTConfig(**base, word_embed_proj_dim=64), 4, [0])
+    families.check(OPTConfig(**base, word_embed_proj_dim=64), 2, [0], head_size="full")
 
 
 @pytest.mark.parametrize("name", sorted(DECODERS))

@@ -2,7 +2,9 @@
 a side layer is, and which rows/columns of each backbone weight a pruned side layer keeps.
 
 Two families share all the code paths:
-- decoders (Llama, Mistral, Qwen2, Qwen3): pre-norm layers with RoPE, a final RMSNorm, grouped KV heads;
+- decoders: pre-norm layers with a final norm. Llama, Mistral, Qwen2, Qwen3: RoPE, RMSNorm, grouped KV heads;
+  OPT: learned positions (added to the embeddings, so the side stream gets them through its first ladder),
+  LayerNorm with bias, biased projections, a ReLU MLP (fc1/fc2);
 - encoders (BERT, RoBERTa): post-norm layers with learned positions, no final norm.
 The side network is built from the backbone's own layer class at width d/r, with the same number of heads
 (head size divided by r), as in the paper; or, for decoders, with whole heads of the backbone's size, r times
@@ -17,7 +19,8 @@ from trainer_plugins import ConfigError
 
 from .side import SIDE_SDPA
 
-DECODERS = ("llama", "mistral", "qwen2", "qwen3")
+ROTARY_DECODERS = ("llama", "mistral", "qwen2", "qwen3")
+DECODERS = (*ROTARY_DECODERS, "opt")
 ENCODERS = ("bert", "roberta")
 SUPPORTED = DECODERS + ENCODERS
 
@@ -47,6 +50,16 @@ ENCODER_SLICES = {
     "output.dense.weight": ("res", "mlp"), "output.dense.bias": ("res",),
     "output.LayerNorm.weight": ("res",), "output.LayerNorm.bias": ("res",),
 }
+OPT_SLICES = {
+    "self_attn.q_proj.weight": ("q", "res"), "self_attn.q_proj.bias": ("q",),
+    "self_attn.k_proj.weight": ("k", "res"), "self_attn.k_proj.bias": ("k",),
+    "self_attn.v_proj.weight": ("v", "res"), "self_attn.v_proj.bias": ("v",),
+    "self_attn.out_proj.weight": ("res", "o"), "self_attn.out_proj.bias": ("res",),
+    "self_attn_layer_norm.weight": ("res",), "self_attn_layer_norm.bias": ("res",),
+    "fc1.weight": ("mlp", "res"), "fc1.bias": ("mlp",),
+    "fc2.weight": ("res", "mlp"), "fc2.bias": ("res",),
+    "final_layer_norm.weight": ("res",), "final_layer_norm.bias": ("res",),
+}
 # The weights whose importance picks each index set (pruning.py): attention query/key, value, output, MLP.
 DECODER_WEIGHTS = {"q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight", "v": "self_attn.v_proj.weight",
                    "o": "self_attn.o_proj.weight", "mlp_in": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
@@ -56,21 +69,34 @@ ENCODER_WEIGHTS = {"q": "attention.self.query.weight", "k": "attention.self.key.
                    "mlp_in": ("intermediate.dense.weight",), "mlp_out": "output.dense.weight"}
 
 
+OPT_WEIGHTS = {"q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight", "v": "self_attn.v_proj.weight",
+               "o": "self_attn.out_proj.weight", "mlp_in": ("fc1.weight",), "mlp_out": "fc2.weight"}
+
+
 def family(model_type: str | None) -> str:
     if model_type in DECODERS:
         return "decoder"
     if model_type in ENCODERS:
         return "encoder"
-    raise ConfigError(f"lst supports the model types {SUPPORTED} (decoders: Llama/Mistral/Qwen2/Qwen3; encoders: "
-                      f"BERT/RoBERTa), not {model_type!r}")
+    raise ConfigError(f"lst supports the model types {SUPPORTED} (decoders: Llama/Mistral/Qwen2/Qwen3/OPT; "
+                      f"encoders: BERT/RoBERTa), not {model_type!r}")
 
 
-def slices(kind: str) -> dict:
-    return DECODER_SLICES if kind == "decoder" else ENCODER_SLICES
+def rotary(config) -> bool:
+    """Whether the model rotates queries and keys (RoPE): side heads then keep rotation pairs."""
+    return config.model_type in ROTARY_DECODERS
 
 
-def weights(kind: str) -> dict:
-    return DECODER_WEIGHTS if kind == "decoder" else ENCODER_WEIGHTS
+def slices(config) -> dict:
+    if config.model_type == "opt":
+        return OPT_SLICES
+    return DECODER_SLICES if family(config.model_type) == "decoder" else ENCODER_SLICES
+
+
+def weights(config) -> dict:
+    if config.model_type == "opt":
+        return OPT_WEIGHTS
+    return DECODER_WEIGHTS if family(config.model_type) == "decoder" else ENCODER_WEIGHTS
 
 
 def head_dim(config) -> int:
@@ -82,7 +108,7 @@ def kv_heads(config) -> int:
 
 
 def intermediate_size(config) -> int:
-    return config.intermediate_size
+    return config.ffn_dim if config.model_type == "opt" else config.intermediate_size
 
 
 def layers_of(model):
@@ -90,12 +116,17 @@ def layers_of(model):
     base = model.base_model
     if hasattr(base, "layers"):
         return base.layers
+    if hasattr(base, "decoder"):  # OPT
+        return base.decoder.layers
     return base.encoder.layer
 
 
 def final_norm_of(model):
     """The decoder's final norm (applied after the merge), or None for post-norm encoders."""
-    return getattr(model.base_model, "norm", None)
+    base = model.base_model
+    if hasattr(base, "decoder"):  # OPT
+        return base.decoder.final_layer_norm
+    return getattr(base, "norm", None)
 
 
 def full_heads(config, reduction: int) -> tuple[int, int]:
@@ -116,6 +147,13 @@ def _whole_heads_fit(config, reduction: int) -> bool:
 def check(config, reduction: int, layer_ids: list[int], head_size: str = "reduced") -> None:
     """One clear error for a backbone LST cannot reduce by ``reduction`` (before any weight is loaded)."""
     kind = family(getattr(config, "model_type", None))
+    if config.model_type == "opt":
+        if not config.do_layer_norm_before or config.word_embed_proj_dim != config.hidden_size:
+            raise ConfigError("lst: this OPT checkpoint (like opt-350m) normalises after its layers and projects its "
+                              "embeddings in and out; lst supports the pre-norm OPT models without projections")
+        if getattr(config, "layerdrop", 0.0) > 0:
+            raise ConfigError(f"lst: layerdrop={config.layerdrop} skips backbone layers at random while training, "
+                              "and every ladder rung needs its layer's output; set layerdrop to 0")
     if kind == "decoder":
         types = set(getattr(config, "layer_types", None) or ())
         if getattr(config, "use_sliding_window", False) or "sliding_attention" in types:
@@ -124,13 +162,13 @@ def check(config, reduction: int, layer_ids: list[int], head_size: str = "reduce
     d, hd = config.hidden_size, head_dim(config)
     if head_size == "full":
         if kind != "decoder":
-            raise ConfigError("lst_head_size=full needs an attention whose head size is set apart from the hidden "
-                              "size (Llama-family decoders); encoders keep every head, at head size / r")
+            raise ConfigError("lst_head_size=full keeps whole heads, r times fewer, in decoders; encoders keep every "
+                              "head, at head size / r")
         ok = [r for r in range(2, d + 1) if d % r == 0 and _whole_heads_fit(config, r)]
         what = f"{config.num_attention_heads} heads on {kv_heads(config)} KV heads, hidden {d}: whole heads"
     else:
-        # Decoders rotate (dim, dim + head/2) pairs, so a side head needs an even size.
-        need = 2 if kind == "decoder" else 1
+        # RoPE rotates (dim, dim + head/2) pairs, so a side head needs an even size.
+        need = 2 if rotary(config) else 1
         ok = [r for r in range(2, hd + 1) if d % r == 0 and hd % r == 0 and (hd // r) % need == 0
               and intermediate_size(config) >= r]
         what = f"hidden {d}, head size {hd}{', RoPE pairs' if need == 2 else ''}"
@@ -148,6 +186,12 @@ def side_config(config, reduction: int, head_size: str = "reduced"):
     (``head_size="full"``) whole heads of the backbone's size, r times fewer (full_heads)."""
     side = copy.deepcopy(config)
     side.hidden_size = config.hidden_size // reduction
+    if config.model_type == "opt":  # its heads are hidden / heads wide: reducing the width reduces them
+        side.ffn_dim = config.ffn_dim // reduction
+        side.word_embed_proj_dim = side.hidden_size
+        if head_size == "full":
+            side.num_attention_heads = full_heads(config, reduction)[0]
+        return side
     side.intermediate_size = config.intermediate_size // reduction
     if family(config.model_type) == "decoder":
         if head_size == "full":

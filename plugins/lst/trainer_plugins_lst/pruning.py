@@ -42,7 +42,6 @@ class SideSettings:
 def build(model, settings: SideSettings) -> LadderSide:
     """The side network's structure for ``model`` (weights at torch's default init; see init_*)."""
     config = model.config
-    kind = families.family(config.model_type)
     layers = families.layers_of(model)
     side_config = families.side_config(config, settings.reduction, settings.head_size)
     d, ds = config.hidden_size, side_config.hidden_size
@@ -55,7 +54,7 @@ def build(model, settings: SideSettings) -> LadderSide:
             attention.layer_idx = config.num_hidden_layers + k  # its KV slot, after the backbone's
         if attention is not None and side_config._attn_implementation == SIDE_SDPA:
             attention.num_key_value_groups = 1  # side_sdpa repeats the KV heads itself
-        pairs = side_config.head_dim // 2 if kind == "decoder" else 0
+        pairs = side_config.head_dim // 2 if families.rotary(config) else 0
         steps.append(SideStep(block, d, ds, pairs, float(getattr(rope, "attention_scaling", 1.0)),
                               settings.temperature, settings.alpha))
     norm = None
@@ -131,13 +130,12 @@ def fisher(model, batches: list[torch.Tensor], names: Optional[set] = None) -> I
 
 def importance_names(model, layer_ids: list[int]) -> set:
     """Names of the backbone weights whose importance the selection reads."""
-    kind = families.family(model.config.model_type)
     prefix = _layer_prefix(model)
     out = {_embedding_name(model)}
     for i in layer_ids:
         for key in ("q", "k", "v", "o", "mlp_out"):
-            out.add(f"{prefix}{i}.{families.weights(kind)[key]}")
-        out.update(f"{prefix}{i}.{w}" for w in families.weights(kind)["mlp_in"])
+            out.add(f"{prefix}{i}.{families.weights(model.config)[key]}")
+        out.update(f"{prefix}{i}.{w}" for w in families.weights(model.config)["mlp_in"])
     return out
 
 
@@ -152,7 +150,6 @@ class Selection:
 
 def select(model, settings: SideSettings, importance: Importance = magnitude) -> Selection:
     config = model.config
-    kind = families.family(config.model_type)
     r = settings.reduction
     d, hd = config.hidden_size, families.head_dim(config)
     heads, groups = config.num_attention_heads, families.kv_heads(config)
@@ -160,7 +157,7 @@ def select(model, settings: SideSettings, importance: Importance = magnitude) ->
     embeddings = model.get_input_embeddings()
     with whole(embeddings):
         res = _top(importance(_embedding_name(model), embeddings.weight).sum(0), d // r)
-    names = families.weights(kind)
+    names = families.weights(config)
     layers = families.layers_of(model)
     prefix = _layer_prefix(model)
     chosen = {}
@@ -172,13 +169,13 @@ def select(model, settings: SideSettings, importance: Importance = magnitude) ->
 
         with whole(layers[i]):
             mlp = sum(_cols(imp(w), res).sum(1) for w in names["mlp_in"]) + _rows(imp(names["mlp_out"]), res).sum(0)
-            mlp = _top(mlp, config.intermediate_size // r)
+            mlp = _top(mlp, families.intermediate_size(config) // r)
             if settings.head_size == "full":
                 chosen[i] = {**_whole_heads(config, r, imp, names, res), "mlp": mlp}
                 continue
             qk = (_cols(imp(names["q"]), res).sum(1).view(heads, hd).sum(0)
                   + _cols(imp(names["k"]), res).sum(1).view(groups, hd).sum(0))
-            if kind == "decoder":  # keep rotation pairs (j, j + hd/2) together
+            if families.rotary(config):  # keep rotation pairs (j, j + hd/2) together
                 pairs = _top(qk[: hd // 2] + qk[hd // 2:], hs // 2)
                 qk_dims = torch.cat([pairs, pairs + hd // 2])
             else:
@@ -232,8 +229,7 @@ def init_pruned(model, side: LadderSide, selection: Selection) -> None:
     """Side blocks = the backbone's layers restricted to the selection; Down_i = selection of the kept residual
     dims; final side norm = the backbone's restricted; Up = 0 (merge add) or the selection's transpose."""
     config = model.config
-    kind = families.family(config.model_type)
-    spec = families.slices(kind)
+    spec = families.slices(config)
     layers = families.layers_of(model)
     res = selection.res
     for step, i in zip(side.steps, side.layer_ids):
@@ -256,6 +252,8 @@ def init_pruned(model, side: LadderSide, selection: Selection) -> None:
     if side.output.norm is not None:
         with whole(final):
             side.output.norm.weight.copy_(dense(final.weight)[res])
+            if getattr(side.output.norm, "bias", None) is not None:  # LayerNorm (OPT)
+                side.output.norm.bias.copy_(dense(final.bias)[res])
     side.output.up.bias.zero_()
     side.output.up.weight.zero_()
     if side.output.merge == "none":  # start by writing the side's dims back where they came from
