@@ -1,5 +1,5 @@
-"""Run by torchrun (2 CPU processes, gloo) from test_lst.py: LST on a tiny Llama under DeepSpeed ZeRO-STAGE
-(or plain DDP) through the Trainer; writes the losses and saves the side network.
+"""Run by torchrun (2 CPU processes, gloo) from test_lst.py: LST on a tiny Llama (or the OPT in MODEL_DIR) under
+DeepSpeed ZeRO-STAGE (or plain DDP) through the Trainer; writes the losses and saves the side network.
 
 Under ZeRO-3 the model is loaded after the TrainingArguments, so from_pretrained partitions the backbone
 while loading and the pruned init has to gather each layer's weights.
@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers
 importlib.import_module("deepspeed.comm.torch")
 sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # skip the CPU shm JIT build: gloo is enough
 
-from transformers import LlamaForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 from trainer_plugins import PluginTrainer, PluginTrainingArguments  # noqa: E402
 from trainer_plugins_lst import side_of  # noqa: E402
@@ -26,18 +26,18 @@ from test_lst import COMMON, LST, cycles  # noqa: E402
 
 
 def main(stage: str, out: str, model_dir: str):
-    stage, _, compiled = stage.partition("-")
+    stage, _, variant = stage.partition("-")
     ds = None
     if stage != "ddp":
         ds = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_clipping": "auto",
               "zero_optimization": {"stage": int(stage), "stage3_gather_16bit_weights_on_model_save": True}}
     args = PluginTrainingArguments(output_dir=out, deepspeed=ds, **{**COMMON, **LST, "per_device_train_batch_size": 2},
-                                   lst_compile=compiled == "compile")
+                                   lst_compile=variant == "compile")
     if stage == "3":
         from trainer_plugins.models import _init_deepspeed_comm
 
         _init_deepspeed_comm()  # what the recipe loader does: zero.Init must see both processes
-    model = LlamaForCausalLM.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
     if stage == "3":
         assert all(hasattr(p, "ds_id") for p in model.parameters()), "expected a model partitioned while loading"
     trainer = PluginTrainer(model=model, args=args, train_dataset=cycles())

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, BertConfig, BertForSequenceClassification, GPT2Config, LlamaForCausalLM
 
 from trainer_plugins import ConfigError, PluginTrainer, PluginTrainingArguments
 from trainer_plugins.models import tiny_llama_config
@@ -39,6 +39,19 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def opt_model_dir(tmp_path_factory):
+    """A tiny OPT (4 layers, 4 heads, vocab 1000) saved with save_pretrained; no dropout, so that two processes
+    draw no other masks than one."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("lst-tiny-opt")
+    OPTForCausalLM(OPTConfig(vocab_size=1000, hidden_size=64, ffn_dim=96, num_hidden_layers=4, num_attention_heads=4,
+                             word_embed_proj_dim=64, max_position_embeddings=64, dropout=0.0)).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
 def recipe_model_dir(tmp_path_factory, tokenizer_dir):
     """The same shape with SmolLM2's tokenizer beside it, for recipes on the stdlib corpus; the MLP 128 wide:
     on CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for inference and needs every input
@@ -47,7 +60,7 @@ def recipe_model_dir(tmp_path_factory, tokenizer_dir):
 
 
 def trainer_for(model_dir, out, **kw):
-    model = LlamaForCausalLM.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
     args = PluginTrainingArguments(output_dir=str(out), **{**COMMON, **LST, **kw})
     return PluginTrainer(model=model, args=args, train_dataset=cycles())
 
@@ -86,17 +99,14 @@ def test_only_the_side_network_trains_and_is_saved_alone_and_reloads(model_dir, 
         load(LlamaForCausalLM(tiny_llama_config(**{**SHAPE, "hidden_size": 32})), tmp_path)
 
 
-def test_opt_backbone_trains_saves_and_reloads(tmp_path):
+def test_opt_backbone_trains_saves_and_reloads(opt_model_dir, tmp_path):
     """The other decoder family: OPT (learned positions, LayerNorm, ReLU MLP) through the Trainer; the side network
     learns, saves alone and reloads onto a fresh backbone with the same outputs."""
-    from transformers import OPTConfig, OPTForCausalLM
+    from transformers import OPTForCausalLM
 
-    torch.manual_seed(0)
-    OPTForCausalLM(OPTConfig(vocab_size=1000, hidden_size=64, ffn_dim=96, num_hidden_layers=4, num_attention_heads=4,
-                             word_embed_proj_dim=64, max_position_embeddings=64)).save_pretrained(tmp_path / "opt")
-    untouched = logits(OPTForCausalLM.from_pretrained(tmp_path / "opt"))
+    untouched = logits(OPTForCausalLM.from_pretrained(opt_model_dir))
     args = PluginTrainingArguments(output_dir=str(tmp_path / "out"), **{**COMMON, **LST, "max_steps": 16})
-    trainer = PluginTrainer(model=OPTForCausalLM.from_pretrained(tmp_path / "opt"), args=args, train_dataset=cycles())
+    trainer = PluginTrainer(model=OPTForCausalLM.from_pretrained(opt_model_dir), args=args, train_dataset=cycles())
     assert all(n.startswith("lst_side.") for n, p in trainer.model.named_parameters() if p.requires_grad)
     torch.testing.assert_close(logits(trainer.model), untouched, rtol=0, atol=0)  # starts as the backbone
     trainer.train()
@@ -106,7 +116,7 @@ def test_opt_backbone_trains_saves_and_reloads(tmp_path):
     assert json.loads((tmp_path / "out" / CONFIG_NAME).read_text())["backbone"]["model_type"] == "opt"
     trained = logits(trainer.model)
     assert (trained - untouched).abs().max() > 1e-3
-    reloaded = load(OPTForCausalLM.from_pretrained(tmp_path / "opt"), tmp_path / "out")
+    reloaded = load(OPTForCausalLM.from_pretrained(opt_model_dir), tmp_path / "out")
     torch.testing.assert_close(logits(reloaded), trained, rtol=0, atol=0)
 
 
@@ -270,11 +280,15 @@ def test_recipe_with_a_4bit_backbone_and_fisher_importance(recipe_model_dir, tmp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["ddp", 2, 3, "2-compile"])  # 2-compile: ZeRO-2 with lst_compile, eager's losses
-def test_two_processes_equal_one_process_and_save_the_side_network(model_dir, stage, tmp_path, request):
+@pytest.mark.parametrize("stage", ["ddp", 2, 3, "2-compile", "3-opt"])  # 2-compile: ZeRO-2 with lst_compile, eager's
+def test_two_processes_equal_one_process_and_save_the_side_network(model_dir, opt_model_dir, stage, tmp_path, request):
+    """3-opt: an OPT backbone under ZeRO-3 (partitioned while loading; the pruned init gathers its layers)."""
+    def backbone(stage):
+        return opt_model_dir if str(stage).endswith("opt") else model_dir
+
     out = shared_torchrun(request, ROOT / "tests" / "plugins" / "lst_zero_worker.py",  # every stage in one launch
-                          lambda params, directory: [params["stage"], directory, model_dir])
-    plain = trainer_for(model_dir, tmp_path / "plain")
+                          lambda params, directory: [params["stage"], directory, backbone(params["stage"])])
+    plain = trainer_for(backbone(stage), tmp_path / "plain")
     plain.train()
     plain.save_model()
     record = json.loads((out / "record.json").read_text())

@@ -399,3 +399,23 @@ def test_four_bit_backbone_is_pruned_from_its_dequantised_weights(tmp_path):
     loss = quantised(input_ids=IDS, labels=IDS).loss
     loss.backward()
     assert all(p.grad is not None for p in side.parameters())
+
+
+def test_four_bit_opt_backbone_starts_as_the_backbone_and_trains_its_side(tmp_path):
+    """QST on OPT: the pruned init reads the NF4 projections dequantised (their biases and LayerNorms stay whole)."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    torch.manual_seed(0)
+    OPTForCausalLM(OPTConfig(vocab_size=97, hidden_size=64, ffn_dim=128, num_hidden_layers=4, num_attention_heads=4,
+                             max_position_embeddings=64, word_embed_proj_dim=64)).save_pretrained(tmp_path)
+    quantised = OPTForCausalLM.from_pretrained(str(tmp_path), device_map="cpu", quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
+    assert type(quantised.model.decoder.layers[1].fc1.weight).__name__ == "Params4bit"
+    quantised.requires_grad_(False).eval()  # frozen first: see the Llama test above
+    reference = output(quantised)
+    side = with_side(quantised, layers=[1, 2])
+    torch.testing.assert_close(output(quantised), reference, rtol=0, atol=0)
+    quantised.train()
+    quantised(input_ids=IDS, labels=IDS).loss.backward()
+    assert all(p.grad is not None for p in side.parameters())
