@@ -27,9 +27,9 @@ class LstArguments:
     lst_reduction_factor: int = field(default=8, metadata={
         "help": "r: the side network has width d/r, head size head/r (same head count) and MLP width d_ff/r."})
     lst_head_size: Literal["reduced", "full"] = field(default="reduced", metadata={
-        "help": "reduced: every attention head kept at head size / r (the paper); full (Llama-family decoders): "
+        "help": "reduced: every attention head kept at head size / r (the paper); full (decoders): "
                 "whole heads of the backbone's size, r times fewer (the most important KV groups and query heads), "
-                "for attention kernels built for such heads and the backbone's own RoPE."})
+                "for attention kernels built for such heads (and, with RoPE, the backbone's own frequencies)."})
     lst_layers: str = field(default="all", metadata={
         "help": "Backbone layers that get a side block (layer dropping): 'all', 'every:K' (every K-th, ending at "
                 "the last layer) or a comma list '3,7,11'."})
