@@ -91,6 +91,8 @@ def test_each_plugin_trains_and_saves_its_output_under_dpo_trainer(tmp_path, tin
     """DPO builds its reference from the model it is handed: the plugin's model (LST's side network, LoRAM's and
     MEFT's adapters, which DPO turns off for the reference) is the policy, and the preference loss trains it."""
     flags, files = EACH_PLUGIN.get(plugin, (dict(apollo="mini"), ["model.safetensors"]))
+    if plugin == "lst":  # the reference log-probs from the starting policy itself: no second backbone
+        flags = dict(flags, precompute_ref_log_probs=True)
     rows = [{"prompt": f"def add_{i}(x):", "chosen": f" return x + {i}", "rejected": f" return x - {i}"}
             for i in range(16)]
     torch.manual_seed(0)
@@ -109,6 +111,18 @@ def test_each_plugin_trains_and_saves_its_output_under_dpo_trainer(tmp_path, tin
         from trainer_plugins_apollo.optimizer import APOLLO
 
         assert isinstance(trainer.optimizer.optimizer, APOLLO)
+    if plugin == "lst":
+        assert trainer.ref_model is None
+
+
+def test_lst_under_dpo_needs_precomputed_reference_log_probs(tmp_path, tiny_model_dir):
+    """TRL would load the backbone again as the reference: LST's memory, and not the starting policy with
+    lst_merge none (seen: DPO's first loss 0.6864 instead of ln 2). One clear error names the setting."""
+    args = arguments_class(base=DPOConfig)(**settings(tmp_path, lst=True, gradient_checkpointing=False))
+    with pytest.raises(ConfigError, match="lst under a preference trainer: set precompute_ref_log_probs true"):
+        PluginDPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
+                         train_dataset=Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}]),
+                         processing_class=AutoTokenizer.from_pretrained(tiny_model_dir))
 
 
 def test_plain_plugin_arguments_get_one_clear_error_from_sft_trainer(tmp_path, tiny_model_dir):

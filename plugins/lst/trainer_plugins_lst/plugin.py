@@ -136,6 +136,12 @@ def validate(args, model_args, model_config):
     if getattr(args, "gradient_checkpointing", False) or getattr(args, "activation_checkpointing", False):
         raise ConfigError("lst keeps no backbone activations, and the side network's are small: activation (gradient) "
                           "checkpointing would only re-run the frozen backbone. Set activation_checkpointing false")
+    if getattr(args, "precompute_ref_log_probs", None) is False:  # TRL's DPOConfig / KTOConfig
+        raise ConfigError(
+            "lst under a preference trainer: set precompute_ref_log_probs true. Without it TRL loads a second copy of "
+            "the backbone from disk as the reference model, which costs the memory LST saves and is not the policy "
+            "training starts from when lst_merge is none or lst_side_dir is set; with it the reference log-probs "
+            "come from this model before its first step and no copy is kept")
     if args.lst_side_dir:
         _check_side_dir(args)
     if args.lst_compile:
