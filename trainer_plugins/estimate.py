@@ -118,9 +118,10 @@ class MetaOutputCache:
     strides and dtypes follow from its inputs' and its other arguments, and a model repeats the same operators
     layer after layer (the 70B QLoRAM recipe's simulated steps: ~97k cacheable dispatches, 241 distinct keys).
     torch's Python meta kernels (refs, custom ops' fake kernels) take a hundred microseconds or more; an empty
-    tensor of the recorded layout takes a few. Only functional operators (no mutated or aliased arguments, no data-dependent or random outputs) on
-    plain meta tensors are cached, and only when the empty tensors rebuilt from the record have the kernel's
-    own storage sizes (checked once per key), so the memory the tracker counts is the same."""
+    tensor of the recorded layout takes a few. Only functional operators (no mutated or aliased arguments, no
+    data-dependent or random outputs) on plain meta tensors are cached, and only when the empty tensors rebuilt
+    from the record have the kernel's own storage sizes (checked once per key), so the memory the tracker
+    counts is the same."""
 
     _SKIP_TAGS = tuple(getattr(torch.Tag, t) for t in ("dynamic_output_shape", "data_dependent_output",
                                                        "inplace_view", "nondeterministic_seeded")

@@ -255,6 +255,8 @@ def test_opt_checkpoints_lst_cannot_follow_are_refused():
         families.check(OPTConfig(**base, do_layer_norm_before=False), 4, [0])
     with pytest.raises(ConfigError, match="opt-350m"):
         families.check(OPTConfig(**base, word_embed_proj_dim=32), 4, [0])
+    with pytest.raises(ConfigError, match="layer_norm_elementwise_affine false"):
+        families.check(OPTConfig(**base, word_embed_proj_dim=64, layer_norm_elementwise_affine=False), 4, [0])
     with pytest.raises(ConfigError, match="layerdrop=0.1 skips backbone layers"):
         families.check(OPTConfig(**base, word_embed_proj_dim=64, layerdrop=0.1), 4, [0])
     families.check(OPTConfig(**base, word_embed_proj_dim=64), 4, [0])

@@ -67,8 +67,6 @@ DECODER_WEIGHTS = {"q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight
 ENCODER_WEIGHTS = {"q": "attention.self.query.weight", "k": "attention.self.key.weight",
                    "v": "attention.self.value.weight", "o": "attention.output.dense.weight",
                    "mlp_in": ("intermediate.dense.weight",), "mlp_out": "output.dense.weight"}
-
-
 OPT_WEIGHTS = {"q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight", "v": "self_attn.v_proj.weight",
                "o": "self_attn.out_proj.weight", "mlp_in": ("fc1.weight",), "mlp_out": "fc2.weight"}
 
@@ -151,6 +149,9 @@ def check(config, reduction: int, layer_ids: list[int], head_size: str = "reduce
         if not config.do_layer_norm_before or config.word_embed_proj_dim != config.hidden_size:
             raise ConfigError("lst: this OPT checkpoint (like opt-350m) normalises after its layers and projects its "
                               "embeddings in and out; lst supports the pre-norm OPT models without projections")
+        if not getattr(config, "layer_norm_elementwise_affine", True):
+            raise ConfigError("lst: this OPT config has LayerNorms without weights (layer_norm_elementwise_affine "
+                              "false); lst supports OPT's LayerNorms with weights and biases")
         if getattr(config, "layerdrop", 0.0) > 0:
             raise ConfigError(f"lst: layerdrop={config.layerdrop} skips backbone layers at random while training, "
                               "and every ladder rung needs its layer's output; set layerdrop to 0")
