@@ -60,13 +60,13 @@ class MemoryTracker(TorchDispatchMode):
     (``weight.t()``) allocate nothing.
     """
 
-    def __init__(self, resident=(), cache: bool = True):
+    def __init__(self, resident=()):
         super().__init__()
         self.live = 0
         self.peak = 0
         self._counted: set[int] = set()
         self._known: set[int] = {t.untyped_storage()._cdata for t in resident}
-        self.outputs = MetaOutputCache() if cache else None
+        self.outputs = MetaOutputCache()
 
     def reset_peak(self) -> None:
         self.peak = self.live
@@ -88,10 +88,8 @@ class MemoryTracker(TorchDispatchMode):
         if func in _RUN_AS_COMPOSITE:
             with self:  # the kernel's own operators come through this mode: its temporaries are counted
                 out = func._op_dk(torch._C.DispatchKey.CompositeExplicitAutograd, *args, **(kwargs or {}))
-        elif self.outputs is not None:
-            out = self.outputs.call(func, args, kwargs or {})
         else:
-            out = func(*args, **(kwargs or {}))
+            out = self.outputs.call(func, args, kwargs or {})
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self._track(t.untyped_storage())

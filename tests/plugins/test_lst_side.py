@@ -18,6 +18,8 @@ from trainer_plugins_lst.side import attach, detach, side_of
 
 DECODER = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=64)
+OPT = dict(vocab_size=97, hidden_size=64, ffn_dim=96, num_hidden_layers=4, num_attention_heads=4,
+           max_position_embeddings=64, word_embed_proj_dim=64)
 ENCODER = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                num_labels=3, max_position_embeddings=64)
 DECODERS = {
@@ -26,8 +28,7 @@ DECODERS = {
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**DECODER)),  # q/k/v biases
     "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**DECODER, head_dim=32)),  # q/k norms; heads*head != hidden
     # learned positions, LayerNorm with bias, biased projections, ReLU MLP (fc1/fc2); no GQA
-    "opt": lambda: OPTForCausalLM(OPTConfig(vocab_size=97, hidden_size=64, ffn_dim=96, num_hidden_layers=4,
-                                            num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64)),
+    "opt": lambda: OPTForCausalLM(OPTConfig(**OPT)),
 }
 ROTARY = sorted(families.ROTARY_DECODERS)
 ENCODERS = {
@@ -250,17 +251,16 @@ def test_opt_side_heads_are_the_backbone_heads_kept_units(head_size, reduction):
 
 
 def test_opt_checkpoints_lst_cannot_follow_are_refused():
-    base = dict(vocab_size=97, hidden_size=64, ffn_dim=96, num_hidden_layers=4, num_attention_heads=4)
     with pytest.raises(ConfigError, match="opt-350m"):
-        families.check(OPTConfig(**base, do_layer_norm_before=False), 4, [0])
+        families.check(OPTConfig(**OPT | {"do_layer_norm_before": False}), 4, [0])
     with pytest.raises(ConfigError, match="opt-350m"):
-        families.check(OPTConfig(**base, word_embed_proj_dim=32), 4, [0])
+        families.check(OPTConfig(**OPT | {"word_embed_proj_dim": 32}), 4, [0])
     with pytest.raises(ConfigError, match="layer_norm_elementwise_affine false"):
-        families.check(OPTConfig(**base, word_embed_proj_dim=64, layer_norm_elementwise_affine=False), 4, [0])
+        families.check(OPTConfig(**OPT, layer_norm_elementwise_affine=False), 4, [0])
     with pytest.raises(ConfigError, match="layerdrop=0.1 skips backbone layers"):
-        families.check(OPTConfig(**base, word_embed_proj_dim=64, layerdrop=0.1), 4, [0])
-    families.check(OPTConfig(**base, word_embed_proj_dim=64), 4, [0])
-    families.check(OPTConfig(**base, word_embed_proj_dim=64), 2, [0], head_size="full")
+        families.check(OPTConfig(**OPT, layerdrop=0.1), 4, [0])
+    families.check(OPTConfig(**OPT), 4, [0])
+    families.check(OPTConfig(**OPT), 2, [0], head_size="full")
 
 
 @pytest.mark.parametrize("name", sorted(DECODERS))
@@ -409,8 +409,7 @@ def test_four_bit_opt_backbone_starts_as_the_backbone_and_trains_its_side(tmp_pa
     from transformers import BitsAndBytesConfig
 
     torch.manual_seed(0)
-    OPTForCausalLM(OPTConfig(vocab_size=97, hidden_size=64, ffn_dim=128, num_hidden_layers=4, num_attention_heads=4,
-                             max_position_embeddings=64, word_embed_proj_dim=64)).save_pretrained(tmp_path)
+    OPTForCausalLM(OPTConfig(**OPT | {"ffn_dim": 128})).save_pretrained(tmp_path)  # fc2 input 128: see the Llama test
     quantised = OPTForCausalLM.from_pretrained(str(tmp_path), device_map="cpu", quantization_config=BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
     assert type(quantised.model.decoder.layers[1].fc1.weight).__name__ == "Params4bit"
