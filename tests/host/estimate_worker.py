@@ -27,6 +27,12 @@ from trainer_plugins.models import load_tokenizer  # noqa: E402
 from trainer_plugins.recipes import load_recipe  # noqa: E402
 
 
+def live_tensors() -> list:
+    """Every tensor with storage alive in this process now (after a collection)."""
+    gc.collect()
+    return [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and not o.is_meta]
+
+
 class PeakOfStep(TrainerCallback):
     """The bytes held at the peak of one steady-state optimizer step (forward, backward, step): every tensor
     alive when it begins (weights, gradients, optimizer and DeepSpeed buffers: all Python-visible then) plus
@@ -39,9 +45,7 @@ class PeakOfStep(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step == self.step:
-            gc.collect()
-            alive = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and not o.is_meta
-                     and o.untyped_storage()._cdata not in self.earlier]
+            alive = [t for t in live_tensors() if t.untyped_storage()._cdata not in self.earlier]
             self.tracker = MemoryTracker()
             self.tracker.adopt(alive)
             self.tracker.reset_peak()
@@ -60,8 +64,7 @@ class PeakOfStep(TrainerCallback):
 def main(recipe_path: str, out: str):
     # tensors an earlier run of this process left alive are not this run's: held, so no new storage takes
     # one's address while the step is measured
-    gc.collect()
-    earlier = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and not o.is_meta]
+    earlier = live_tensors()
     recipe = load_recipe(recipe_path)
     args = recipe.args
     tokenizer = load_tokenizer(recipe.model_args)

@@ -85,16 +85,21 @@ def rotary(config) -> bool:
     return config.model_type in ROTARY_DECODERS
 
 
-def slices(config) -> dict:
+def _names(config) -> tuple[dict, dict]:
+    """(SLICES, WEIGHTS) for the model's weight names: OPT's own, else its family's."""
     if config.model_type == "opt":
-        return OPT_SLICES
-    return DECODER_SLICES if family(config.model_type) == "decoder" else ENCODER_SLICES
+        return OPT_SLICES, OPT_WEIGHTS
+    if family(config.model_type) == "decoder":
+        return DECODER_SLICES, DECODER_WEIGHTS
+    return ENCODER_SLICES, ENCODER_WEIGHTS
+
+
+def slices(config) -> dict:
+    return _names(config)[0]
 
 
 def weights(config) -> dict:
-    if config.model_type == "opt":
-        return OPT_WEIGHTS
-    return DECODER_WEIGHTS if family(config.model_type) == "decoder" else ENCODER_WEIGHTS
+    return _names(config)[1]
 
 
 def head_dim(config) -> int:

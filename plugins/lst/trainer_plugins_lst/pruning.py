@@ -131,11 +131,12 @@ def fisher(model, batches: list[torch.Tensor], names: Optional[set] = None) -> I
 def importance_names(model, layer_ids: list[int]) -> set:
     """Names of the backbone weights whose importance the selection reads."""
     prefix = _layer_prefix(model)
+    names = families.weights(model.config)
     out = {_embedding_name(model)}
     for i in layer_ids:
         for key in ("q", "k", "v", "o", "mlp_out"):
-            out.add(f"{prefix}{i}.{families.weights(model.config)[key]}")
-        out.update(f"{prefix}{i}.{w}" for w in families.weights(model.config)["mlp_in"])
+            out.add(f"{prefix}{i}.{names[key]}")
+        out.update(f"{prefix}{i}.{w}" for w in names["mlp_in"])
     return out
 
 
