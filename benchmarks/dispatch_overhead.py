@@ -6,9 +6,9 @@ GPU: the bench's Llama shape at its depth but negligible width (hidden 128, sequ
 almost all per-operator overhead.
 
 - ``step_ms``: median forward + backward + optimizer step per method (single thread).
-- ``apollo_mini_step_ops``: top-level operators one APOLLO-Mini optimizer step dispatches (profiler), with the
-  group's per-weight scalars batched into one vector (the default) and with the per-weight loop (the fallback
-  for weights that differ in dtype, device or step).
+- ``optimizer_step``: the optimizer step alone (gradients in place, interleaved rounds): fused AdamW's and
+  APOLLO-Mini's, with the group's state packed by shape (the default) and on the per-weight path (the fallback
+  for weights that differ in dtype or device); median milliseconds and top-level operators dispatched.
 
     python benchmarks/dispatch_overhead.py --out benchmarks/results/dispatch_overhead_cpu.json
 """
@@ -31,10 +31,14 @@ SHAPE = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_
              batch=1, seq=16)
 
 
-def build(name: str, layers: int):
+# the optimizer steps alone at even less width: their arithmetic all but vanishes
+OPTIMIZER_SHAPE = dict(SHAPE, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2)
+
+
+def build(name: str, layers: int, shape: dict = SHAPE):
     method = bench.methods()[name]
     torch.manual_seed(0)
-    model = bench.prepared_model(method, dict(SHAPE, num_hidden_layers=layers), "cpu", torch.float32)
+    model = bench.prepared_model(method, dict(shape, num_hidden_layers=layers), "cpu", torch.float32)
     return model, (method.optimizer or bench.adamw_over_trainable)(model, 1e-4)
 
 
@@ -52,25 +56,48 @@ def step_ms(name: str, layers: int, repeats: int) -> float:
     return round(statistics.median(times) * 1000, 1)
 
 
-def optimizer_step_ops(layers: int, batched: bool) -> int:
+def optimizer_steps(layers: int, rounds: int) -> dict:
+    """The optimizer step alone, gradients in place: fused AdamW's and APOLLO-Mini's with its state packed (the
+    default) and on the per-weight path (taken for weights that differ in dtype or device), at OPTIMIZER_SHAPE.
+    Top-level operators dispatched and the median time over interleaved rounds."""
     from trainer_plugins_apollo import optimizer as apollo_optimizer
 
-    alike = apollo_optimizer._alike
-    apollo_optimizer._alike = alike if batched else (lambda params, states: False)
-    try:
-        model, optimizer = build("apollo-mini", layers)
-        tokens = torch.randint(0, SHAPE["vocab_size"], (SHAPE["batch"], SHAPE["seq"]))
-        for _ in range(3):  # past the first steps (state creation, the limiter's reference)
-            model(input_ids=tokens, labels=tokens).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    packable = apollo_optimizer._packable
+    tokens = torch.randint(0, SHAPE["vocab_size"], (SHAPE["batch"], SHAPE["seq"]))
+    cases = {}
+    for case in ("adamw-fused", "apollo-mini", "apollo-mini-per-weight"):
+        if case == "adamw-fused":
+            model, _ = build("adamw", layers, OPTIMIZER_SHAPE)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        else:
+            model, optimizer = build("apollo-mini", layers, OPTIMIZER_SHAPE)
         model(input_ids=tokens, labels=tokens).loss.backward()
+        cases[case] = optimizer
+
+    def step(case):
+        apollo_optimizer._packable = (lambda params: False) if case.endswith("per-weight") else packable
+        try:
+            start = time.perf_counter()
+            cases[case].step()  # the same gradients every time: only the dispatching is measured
+            return time.perf_counter() - start
+        finally:
+            apollo_optimizer._packable = packable
+
+    for case in cases:  # past the first steps (state creation, the limiter's reference)
+        for _ in range(3):
+            step(case)
+    times = {case: [] for case in cases}
+    for _ in range(rounds):
+        for case in cases:
+            times[case].append(step(case))
+    report = {}
+    for case in cases:
         with torch.profiler.profile() as profile:
-            optimizer.step()
-    finally:
-        apollo_optimizer._alike = alike
-    return sum(1 for e in profile.events() if e.name.startswith("aten::") and e.cpu_parent is not None
-               and not e.cpu_parent.name.startswith("aten::"))
+            step(case)
+        ops = sum(1 for e in profile.events() if e.name.startswith("aten::") and e.cpu_parent is not None
+                  and not e.cpu_parent.name.startswith("aten::"))
+        report[case] = {"ms": round(statistics.median(times[case]) * 1000, 2), "top_level_ops": ops}
+    return report
 
 
 def main(argv=None) -> int:
@@ -86,9 +113,9 @@ def main(argv=None) -> int:
         "date": datetime.date.today().isoformat(), "torch": torch.__version__,
         "command": f"python benchmarks/dispatch_overhead.py --layers {ns.layers} --out {ns.out}",
         "shape": dict(SHAPE, num_hidden_layers=ns.layers),
+        "optimizer_shape": dict(OPTIMIZER_SHAPE, num_hidden_layers=ns.layers),
         "step_ms": {name: step_ms(name, ns.layers, ns.repeats) for name in ns.methods},
-        "apollo_mini_step_ops": {"batched": optimizer_step_ops(22, True), "per_weight_loop": optimizer_step_ops(22, False),
-                                 "layers": 22},
+        "optimizer_step": optimizer_steps(ns.layers, ns.repeats),
     }
     ns.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

@@ -159,27 +159,68 @@ def test_state_is_plain_data():
     assert walk(opt.state_dict())
 
 
-@pytest.mark.parametrize("limiter, scale_front", [(True, False), (True, True), (False, False)])
-def test_tensor_scaling_batched_over_weights_equals_the_per_weight_loop(monkeypatch, limiter, scale_front):
-    """APOLLO-Mini steps all of a group's weights with one vector of per-weight scalars; the result must be
-    bit for bit the per-weight loop's (the path taken when weights differ in dtype, device or step)."""
+PACKED_CASES = [("tensor", True, False), ("tensor", True, True), ("tensor", False, False), ("channel", True, False),
+                ("channel", False, False)]
+
+
+@pytest.mark.parametrize("scale_type, limiter, scale_front", PACKED_CASES)
+@pytest.mark.parametrize("skips", [False, True], ids=["every-step", "skipped-steps"])
+def test_packed_step_equals_the_per_weight_path(monkeypatch, scale_type, limiter, scale_front, skips):
+    """A group's weights step together, their state packed by the shape of R; the result must be bit for bit
+    the per-weight path's (taken when weights differ in dtype or device). With skipped steps one weight goes
+    without a gradient now and then (an MoE expert no token reached): its step count and limiter lag the
+    others', and the packed state is rebuilt when the set of weights changes."""
     from trainer_plugins_apollo import optimizer as apollo_optimizer
 
-    def train(batched):
-        monkeypatch.setattr(apollo_optimizer, "_alike", lambda params, states: batched)
-        mats, bias = make_params()
-        opt = APOLLO(groups(mats, bias, rank=1, scale=128.0, scale_type="tensor"), lr=1e-3,
+    shapes = SHAPES + [(24, 40), (40, 24), (40, 24)]  # shapes of R shared by several weights
+
+    def train(packed):
+        monkeypatch.setattr(apollo_optimizer, "_packable", lambda params: packed)
+        g = torch.Generator().manual_seed(0)
+        mats = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+        bias = torch.nn.Parameter(torch.randn(40, generator=g))
+        rank, scale = (1, 128.0) if scale_type == "tensor" else (4, 2.0)
+        opt = APOLLO(groups(mats, bias, rank=rank, scale=scale, scale_type=scale_type), lr=1e-3,
                      norm_growth_limiter=limiter, scale_front=scale_front)
-        run(opt, mats + [bias], 25)
+        for step in range(25):
+            feed(mats + [bias], step)
+            if skips and (step < 2 or step % 3 == 0):
+                mats[3].grad = None
+            opt.step()
         return mats + [bias], opt.state_dict()
 
-    (batched, batched_state), (looped, looped_state) = train(True), train(False)
-    for a, b in zip(batched, looped):
+    (packed, packed_state), (looped, looped_state) = train(True), train(False)
+    for a, b in zip(packed, looped):
         assert torch.equal(a, b)
+    assert packed_state["state"].keys() == looped_state["state"].keys()
     for key, state in looped_state["state"].items():
+        assert state.keys() == packed_state["state"][key].keys()
         for name, value in state.items():
-            other = batched_state["state"][key][name]
+            other = packed_state["state"][key][name]
             assert torch.equal(value, other) if torch.is_tensor(value) else value == other
+    if skips:
+        assert looped_state["state"][4]["step"] == 15 and looped_state["state"][5]["step"] == 25
+
+
+@pytest.mark.parametrize("scale_type", ["channel", "tensor"])
+def test_packed_state_keeps_nothing_dead_alive_when_the_set_of_weights_changes(scale_type):
+    """An MoE step trains the experts its tokens reached: the packed state is rebuilt for each new set of weights.
+    The state must then hold no more memory than its own tensors (no row of an old pack kept alive by a view)
+    and save to the same size."""
+    g = torch.Generator().manual_seed(0)
+    mats = [torch.nn.Parameter(torch.randn(24, 40, generator=g)) for _ in range(6)]
+    rank = 1 if scale_type == "tensor" else 4
+    opt = APOLLO([{"params": mats, "rank": rank, "scale_type": scale_type}], lr=1e-3)
+    for step in range(20):
+        feed(mats, step)
+        mats[step % 6].grad = None  # a different weight sits out each step
+        opt.step()
+    tensors = [t for state in opt.state.values() for t in state.values() if torch.is_tensor(t)]
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    assert sum(held.values()) == state_bytes(opt)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    assert len(buf.getvalue()) < state_bytes(opt) + 20_000  # the tensors' bytes and the pickled structure
 
 
 @pytest.mark.parametrize("scale_type", ["channel", "tensor"])

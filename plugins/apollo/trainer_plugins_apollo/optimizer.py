@@ -21,7 +21,9 @@ norms, biases, lm_head) run AdamW in the same optimizer. The arithmetic follows 
 - the state is only tensors and ints (the seed of the current projection window, not a projector
   object), so torch.load(weights_only=True) reads it and resume is exact: the projection is redrawn
   from the stored seed;
-- moment and AdamW arithmetic is batched over parameters with torch._foreach_* kernels;
+- a group's low-rank state is packed by the shape of R (the moments of weights whose R has one shape are
+  rows of one tensor, the limiter's references one vector), so the moment, norm and scaling arithmetic is a
+  few kernels per shape, not a dozen per weight; AdamW arithmetic runs in torch._foreach_* kernels;
 - the projection rank is capped at the weight's smaller side (projection_rank);
 - a zero update never becomes the limiter's reference (see _growth_limiter): apollo-torch's would hold a
   weight whose first gradient was zero (LoRA's A while B is still zero, an MoE expert no token reached) at
@@ -108,6 +110,7 @@ class APOLLO(torch.optim.Optimizer):
         self._projections: dict[torch.Tensor, torch.Tensor] = {}  # not state: redrawn from the seed
         self._shard_projections: dict[torch.Tensor, tuple[int, torch.Tensor]] = {}
         self._group_of: dict[torch.Tensor, dict] = {}
+        self._packs: dict[int, _Pack] = {}  # id(group) -> its packed state (not state: views of it are)
         self._zero_layout = None
         self._zero_layout_source = None
 
@@ -127,6 +130,7 @@ class APOLLO(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self._projections.clear()  # the stored seeds say which projection each window uses
         self._shard_projections.clear()
+        self._packs.clear()  # the loaded moments are not views of the packed tensors
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
@@ -191,21 +195,24 @@ class APOLLO(torch.optim.Optimizer):
     def _adamw(self, group: dict, params: list[torch.Tensor]) -> None:
         grads = [p.grad for p in params]
         states = [self._state(p, like=p) for p in params]
-        m, denom = _adam_moments(group, states, grads)
+        m, denom = _adam_moments(group, *_moments(states), grads)
         steps = [-_step_size(group, s["step"]) for s in states]
         torch._foreach_addcdiv_(params, m, denom, steps)
 
     # -- APOLLO for 2-D weights in rank groups -------------------------------------------------------
     def _apollo(self, group: dict, params: list[torch.Tensor]) -> None:
         grads = [p.grad for p in params]
-        projected = [self._project(group, p) for p in params]
-        states = [self.state[p] for p in params]
-        m, denom = _adam_moments(group, states, projected)
-        normalized = torch._foreach_div(m, denom)
+        states = [self._advance(group, p) for p in params]
         alpha = math.sqrt(group["scale"])
-        if group["scale_type"] == "tensor" and _alike(params, states):
-            self._tensor_scaled(group, params, grads, projected, normalized, states, alpha)
+        if len(params) > 1 and _packable(params):
+            self._packed_step(group, params, grads, states, alpha)
             return
+        # The per-weight path replaces the limiter's tensors, so a packed copy of this group would be stale
+        if id(group) in self._packs:
+            self._packs.pop(id(group)).release(keep=())
+        projected = [self._project(p, state) for p, state in zip(params, states)]
+        m, denom = _adam_moments(group, *_moments(states), projected)
+        normalized = torch._foreach_div(m, denom)
         for p, g, r, n, state in zip(params, grads, projected, normalized, states):
             rows = p.shape[0] >= p.shape[1]  # channels are rows when the projection is on the right
             if group["scale_type"] == "channel":
@@ -227,31 +234,60 @@ class APOLLO(torch.optim.Optimizer):
                     state["limiter_norm"] = update_norm.clone()
             p.addcmul_(g, (factor * coef).to(p.dtype))
 
-    def _tensor_scaled(self, group, params, grads, projected, normalized, states, alpha) -> None:
-        """Tensor scaling (APOLLO-Mini) for all of a group's weights at once: the per-weight scalars (norms,
-        scaling factor, limiter) live in one vector, so a step dispatches one operator per weight (the projection)
-        and a few for the group, where the per-weight loop dispatched about fifteen per weight. On a
-        GPU the loop's launches, not arithmetic, made Mini's step 1.30x fused AdamW's on a 1B shape. Same
-        arithmetic, element by element, as the loop in _apollo."""
-        factor = torch.stack(torch._foreach_norm(normalized)) / (torch.stack(torch._foreach_norm(projected)) + 1e-8)
-        update_norm = factor * torch.stack(torch._foreach_norm(grads))  # ||G * s|| without building G * s
-        coef = torch.full(factor.shape, -_step_size(group, states[0]["step"]) * alpha, device=factor.device,
-                          dtype=torch.float32)
+    def _packed_step(self, group, params, grads, states, alpha) -> None:
+        """All of a group's weights at once, their state packed by the shape of R (see _Pack): per shape, one
+        kernel per operation for the moments, the norms and the scaling factors, and one vector of per-weight
+        scalars (norms, limiter) for the group, where the per-weight path dispatches about fifteen operators
+        per weight. On a GPU those launches, not the arithmetic, bound the step: the per-weight path made
+        Mini's step 1.30x fused AdamW's on a 1B shape. Same arithmetic as the per-weight path, element by
+        element (tested)."""
+        pack = self._packs.get(id(group))
+        if pack is None or not pack.holds(params):  # first step, or another set of weights has gradients
+            if pack is not None:
+                pack.release(keep=params)
+            pack = self._packs[id(group)] = _Pack(params, states, group["rank"], self.norm_growth_limiter)
+        params, grads, states = pack.in_order(params), pack.in_order(grads), pack.in_order(states)
+        projected = [torch.empty_like(m) for m in pack.exp_avg]  # R, one (k, a, b) tensor per shape
+        rows_of = [r.unbind() for r in projected]
+        for p, g, (shape, row) in zip(params, grads, pack.slots):
+            proj_t = self._projections[p]
+            if p.shape[0] >= p.shape[1]:
+                torch.mm(g, proj_t, out=rows_of[shape][row])
+            else:
+                torch.mm(proj_t, g, out=rows_of[shape][row])
+        m, denom = _adam_moments(group, pack.exp_avg, pack.exp_avg_sq, projected)
+        normalized = torch._foreach_div(m, denom)
+        if group["scale_type"] == "tensor":
+            factor = torch.cat([torch.linalg.vector_norm(n, dim=(1, 2)) / (torch.linalg.vector_norm(r, dim=(1, 2)) + 1e-8)
+                                for n, r in zip(normalized, projected)])
+            update_norm = factor * torch.stack(torch._foreach_norm(grads))  # ||G * s|| without building G * s
+        else:  # per channel: rows of R (a >= b: the projection was on the right), else its columns
+            dims = [2 if r.shape[1] >= r.shape[2] else 1 for r in projected]
+            factors = [_norm(n, d) / (_norm(r, d) + 1e-8) for n, r, d in zip(normalized, projected, dims)]
+            channel_norms = [_norm(g, 1 if p.shape[0] >= p.shape[1] else 0) for p, g in zip(params, grads)]
+            update_norm = torch.cat([
+                torch.sqrt(torch.sum(f.square() * torch.stack(channel_norms[start:start + len(f)]).square(), dim=1))
+                for f, start in zip(factors, pack.starts)])
+        scale = _step_scales(group, states, alpha, update_norm.device)
         if self.norm_growth_limiter:
             if self.scale_front:
                 update_norm = update_norm * alpha
-            if "limiter_norm" in states[0]:
-                previous = [s["limiter_norm"] for s in states]
-                limiter, reference = _growth_limiter(update_norm, torch.stack(previous))
-                coef = coef / limiter
-                torch._foreach_copy_(previous, list(reference.unbind()))
-            else:
-                for s, value in zip(states, update_norm.unbind()):
-                    s["limiter_norm"] = value.clone()  # its own tensor in the state, as the loop stores it
-        # One call for the group (per weight, the same addcmul_: bit for bit the loop's update)
-        torch._foreach_addcmul_(params, grads, list((factor * coef).to(params[0].dtype).unbind()))
+            # a weight's first step has no reference yet: a zero one, which lets the update through (as the
+            # per-weight path's first step does) and becomes its norm
+            limiter, reference = _growth_limiter(update_norm, pack.limiter_norm)
+            scale = scale / limiter
+            pack.limiter_norm.copy_(reference)
+        if group["scale_type"] == "tensor":
+            multipliers = list((factor * scale).to(params[0].dtype).unbind())
+        else:
+            # (k, c) factors of a shape -> k views of (c, 1) for row channels, (1, c) for column channels
+            multipliers = [m for f, s, d in zip(factors, scale.split(pack.counts), dims)
+                           for m in (f * s.unsqueeze(1)).to(params[0].dtype).unsqueeze(d).unbind()]
+        # one call for the group (per weight, the per-weight path's addcmul_)
+        torch._foreach_addcmul_(params, grads, multipliers)
 
-    def _project(self, group: dict, p: torch.Tensor) -> torch.Tensor:
+    def _advance(self, group: dict, p: torch.Tensor) -> dict:
+        """Counts the step and, at a window's start, moves to the next seed and draws its projection."""
         state = self._state(p, like=None)
         step = state["step"] - 1  # _state has already counted this step
         refresh = step % group["update_proj_gap"] == 0
@@ -259,6 +295,9 @@ class APOLLO(torch.optim.Optimizer):
             state["seed"] = next_seed(state["seed"])
         if refresh or p not in self._projections:  # cached as P^T (a view), so a step transposes nothing
             self._projections[p] = projection(tuple(p.shape), group["rank"], state["seed"], p.device, p.grad.dtype).T
+        return state
+
+    def _project(self, p: torch.Tensor, state: dict) -> torch.Tensor:
         proj_t = self._projections[p]
         r = p.grad @ proj_t if p.shape[0] >= p.shape[1] else proj_t @ p.grad
         if "exp_avg" not in state:
@@ -279,17 +318,82 @@ class APOLLO(torch.optim.Optimizer):
         return state
 
 
-def _alike(params: list[torch.Tensor], states: list[dict]) -> bool:
-    """Whether a group's weights can share one vector of per-weight scalars: one device, one dtype, the same
-    step count and the same limiter state (always so, except for weights added to a running optimizer)."""
-    return (len({(p.device, p.dtype) for p in params}) == 1 and len({s["step"] for s in states}) == 1
-            and len({"limiter_norm" in s for s in states}) == 1)
+def projected_shape(shape: tuple[int, int], rank: int) -> tuple[int, int]:
+    """The shape of R (and of its moments) for a weight of ``shape``: (m, r) when m >= n, else (r, n)."""
+    m, n = shape
+    rank = projection_rank(shape, rank)
+    return (m, rank) if m >= n else (rank, n)
 
 
-def _adam_moments(group: dict, states: list[dict], xs: list[torch.Tensor]):
-    """Update the moments of ``xs`` in place; returns (first moments, sqrt(second) + eps)."""
+class _Pack:
+    """One group's APOLLO state packed by the shape of R: the moments of the k weights whose R is a x b are the
+    rows of one k x a x b tensor, and the limiter's references one vector over the group. ``state[p]`` holds
+    views of these, so state_dict(), resume and the per-weight path read and write the same numbers. Built
+    from the per-weight state (copying any there is) on the first packed step, again after load_state_dict."""
+
+    def __init__(self, params: list, states: list[dict], rank: int, limiter: bool):
+        shapes = [projected_shape(tuple(p.shape), rank) for p in params]
+        kinds = list(dict.fromkeys(shapes))  # first-appearance order
+        self.order = sorted(range(len(params)), key=lambda i: kinds.index(shapes[i]))  # grouped by shape
+        self.params = [params[i] for i in self.order]
+        self.counts = [shapes.count(kind) for kind in kinds]
+        self.starts = [sum(self.counts[:i]) for i in range(len(kinds))]
+        self.slots = [(s, row) for s, count in enumerate(self.counts) for row in range(count)]
+        self.states = states = self.in_order(states)
+        like = params[0].grad
+        self.exp_avg, self.exp_avg_sq = [], []
+        for kind, start, count in zip(kinds, self.starts, self.counts):
+            for name, packed in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+                whole = torch.zeros((count, *kind), dtype=like.dtype, device=like.device)
+                for row, state in zip(whole.unbind(), states[start:start + count]):
+                    if name in state:
+                        row.copy_(state[name])
+                    state[name] = row
+                packed.append(whole)
+        self.limiter_norm = None
+        if limiter:
+            zero = torch.zeros((), dtype=like.dtype, device=like.device)
+            self.limiter_norm = torch.stack([s.get("limiter_norm", zero) for s in states]).to(like.dtype)
+            for state, value in zip(states, self.limiter_norm.unbind()):
+                state["limiter_norm"] = value  # a 0-d view: the state reads what the packed step writes
+
+    def holds(self, params: list) -> bool:
+        return len(params) == len(self.params) and all(p is q for p, q in zip(self.in_order(params), self.params))
+
+    def in_order(self, items: list) -> list:
+        return [items[i] for i in self.order]
+
+    def release(self, keep: list) -> None:
+        """Gives the weights not in ``keep`` their own copies of their state, so that no view keeps this pack's
+        tensors alive once it is replaced (else each set of weights an MoE step trains would leave one behind)."""
+        kept = {id(p) for p in keep}
+        for p, state in zip(self.params, self.states):
+            if id(p) not in kept:
+                for name in ("exp_avg", "exp_avg_sq", "limiter_norm"):
+                    if name in state:
+                        state[name] = state[name].clone()
+
+
+def _packable(params: list[torch.Tensor]) -> bool:
+    """Whether a group's weights can share packed state and vectors of per-weight scalars: one device, one dtype
+    of weights and of gradients (always so, except for mixed-precision setups that keep some weights apart)."""
+    return len({(p.device, p.dtype, p.grad.dtype) for p in params}) == 1
+
+
+def _step_scales(group: dict, states: list[dict], alpha: float, device) -> torch.Tensor:
+    """-lr * bias correction * sqrt(scale) per weight, as one float32 vector. Steps differ only where a weight
+    went without a gradient for some steps (an MoE expert no token reached): then the vector is copied from
+    the host, which does not wait for the device."""
+    steps = [s["step"] for s in states]
+    if steps.count(steps[0]) == len(steps):
+        return torch.full((len(steps),), -_step_size(group, steps[0]) * alpha, device=device, dtype=torch.float32)
+    scales = torch.tensor([-_step_size(group, step) * alpha for step in steps], dtype=torch.float32)
+    return scales.to(device, non_blocking=True)
+
+
+def _adam_moments(group: dict, m: list[torch.Tensor], v: list[torch.Tensor], xs: list[torch.Tensor]):
+    """Update the moments ``m``, ``v`` of ``xs`` in place; returns (first moments, sqrt(second) + eps)."""
     beta1, beta2 = group["betas"]
-    m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
     torch._foreach_mul_(m, beta1)
     torch._foreach_add_(m, xs, alpha=1 - beta1)
     torch._foreach_mul_(v, beta2)
@@ -297,6 +401,10 @@ def _adam_moments(group: dict, states: list[dict], xs: list[torch.Tensor]):
     denom = torch._foreach_sqrt(v)
     torch._foreach_add_(denom, group["eps"])
     return m, denom
+
+
+def _moments(states: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    return [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
 
 
 def _growth_limiter(update_norm: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

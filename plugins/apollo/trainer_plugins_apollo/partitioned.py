@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from .optimizer import _adam_moments, _growth_limiter, _step_size, next_seed, projection, projection_rank
+from .optimizer import _adam_moments, _growth_limiter, _moments, _step_size, next_seed, projection, projection_rank
 
 
 def step_shard(optimizer, group: dict, shard) -> None:
@@ -72,7 +72,7 @@ def step_shard(optimizer, group: dict, shard) -> None:
             w.state["exp_avg"] = torch.zeros_like(w.r)
             w.state["exp_avg_sq"] = torch.zeros_like(w.r)
     if work:
-        m, denom = _adam_moments(group, [w.state for w in work], [w.r for w in work])
+        m, denom = _adam_moments(group, *_moments([w.state for w in work]), [w.r for w in work])
         normalized = torch._foreach_div(m, denom)
     else:
         normalized = []
@@ -234,5 +234,5 @@ def _adamw_pieces(group, per_param, dense, flat, grad, step) -> None:
         states.append(s)
         grads.append(piece.view(grad))
         params.append(piece.view(flat))
-    m, denom = _adam_moments(group, states, grads)
+    m, denom = _adam_moments(group, *_moments(states), grads)
     torch._foreach_addcdiv_(params, m, denom, value=-_step_size(group, step))
