@@ -88,6 +88,7 @@ def test_resume_is_exact_across_a_projection_refresh(tmp_path, token_dataset):
     ({"apollo_update_proj_gap": 0}, "apollo_update_proj_gap must be >= 1"),
     ({"apollo_target_modules": "(unclosed"}, "not a valid regex"),
     ({"optim": "sgd"}, "apollo replaces the optimizer"),
+    ({"apollo_layerwise_batch": 0}, "apollo_layerwise_batch must be an integer >= 1"),
 ])
 def test_bad_flags(tmp_path, kw, message):
     with pytest.raises(PluginConfigError, match=message):
@@ -194,6 +195,10 @@ def test_layerwise_refusals(tmp_path, monkeypatch):
         PluginTrainer(model=tiny_llama(), args=PluginTrainingArguments(output_dir=str(tmp_path), apollo="mini",
                                                                   apollo_layerwise=True))
     args = PluginTrainingArguments(output_dir=str(tmp_path), apollo="mini", apollo_layerwise=True, max_grad_norm=0.0)
+    args.fp16 = True  # as on a GPU (a CPU run refuses fp16 itself); validation runs before the Trainer is built
+    with pytest.raises(PluginConfigError, match="before fp16's loss scaler can unscale"):
+        PluginTrainer(model=tiny_llama(), args=args)
+    args.fp16 = False
     monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun; validation runs before the Trainer is built
     with pytest.raises(PluginConfigError, match="single process only"):
         PluginTrainer(model=tiny_llama(), args=args)

@@ -223,6 +223,46 @@ def test_packed_state_keeps_nothing_dead_alive_when_the_set_of_weights_changes(s
     assert len(buf.getvalue()) < state_bytes(opt) + 20_000  # the tensors' bytes and the pickled structure
 
 
+@pytest.mark.parametrize("batch", [1, 3, 100])
+def test_layerwise_batches_equal_the_plain_step_and_bound_the_live_gradients(batch):
+    """Layer-wise mode updates every ``batch`` weights as backward completes their gradients, and the rest when
+    backward ends: at most ``batch`` weights' gradients are alive at once, none is left for step(), and the
+    updates are the plain optimizer's."""
+    from trainer_plugins_apollo.optimizer import register_layerwise_hooks
+
+    live = []  # gradients alive whenever a hook hands a weight over
+
+    class Counting(APOLLO):
+        def queue_parameter(self, p, batch):
+            live.append(sum(q.grad is not None for q in layerwise.parameters()))
+            super().queue_parameter(p, batch)
+
+    def model_and_optimizer(optimizer_class=APOLLO):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*[torch.nn.Linear(16 + i, 17 + i) for i in range(5)])
+        weights = [m.weight for m in model]
+        biases = [m.bias for m in model]
+        return model, weights, optimizer_class([{"params": biases}, {"params": weights, "rank": 1, "scale": 128.0,
+                                                "scale_type": "tensor", "update_proj_gap": 3}], lr=1e-2,
+                                               weight_decay=0.1)
+
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    plain, plain_weights, plain_opt = model_and_optimizer()
+    layerwise, weights, opt = model_and_optimizer(Counting)
+    register_layerwise_hooks(layerwise.parameters(), opt, batch=batch)
+    for step in range(8):  # crosses two projection refreshes
+        plain(x).square().mean().backward()
+        plain_opt.step()
+        plain_opt.zero_grad()
+        layerwise(x).square().mean().backward()
+        assert all(p.grad is None for p in layerwise.parameters())  # updated inside backward
+        opt.step()  # nothing left to do
+    assert max(live) == min(batch, 10)
+    for a, b in zip(plain.parameters(), layerwise.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(plain_weights[0], model_and_optimizer()[1][0])
+
+
 @pytest.mark.parametrize("scale_type", ["channel", "tensor"])
 def test_no_host_sync_in_step(monkeypatch, scale_type):
     mats, bias = make_params()

@@ -45,8 +45,15 @@ class ApolloArguments:
     apollo_norm_growth_limiter: bool = field(default=True, metadata={"help": "Cap update-norm growth at 1.01x/step."})
     apollo_layerwise: bool = field(
         default=False,
-        metadata={"help": "Update each weight during backward as soon as its gradient is complete, and free "
-                          "the gradient: no two layers' gradients coexist. Single process; needs max_grad_norm 0."},
+        metadata={"help": "Update the weights during backward as soon as their gradients are complete, and free "
+                          "the gradients: the whole model's gradients never coexist. Single process; needs "
+                          "max_grad_norm 0."},
+    )
+    apollo_layerwise_batch: int = field(
+        default=8,
+        metadata={"help": "Layer-wise mode: weights updated together (about a decoder layer's linears). At most "
+                          "this many weights' gradients coexist; 1 updates one weight at a time (least memory, "
+                          "every operator launched once per weight)."},
     )
 
 
@@ -86,7 +93,13 @@ def validate(args):
     if args.apollo_update_proj_gap < 1:
         raise ConfigError(f"apollo_update_proj_gap must be >= 1, got {args.apollo_update_proj_gap}")
     module_matcher(args.apollo_target_modules, "apollo_target_modules")  # a bad regex fails here, not after loading
+    if not isinstance(args.apollo_layerwise_batch, int) or args.apollo_layerwise_batch < 1:
+        raise ConfigError(f"apollo_layerwise_batch must be an integer >= 1, got {args.apollo_layerwise_batch!r}")
     if args.apollo_layerwise:
+        if args.fp16:
+            raise ConfigError("apollo_layerwise updates the weights inside backward, before fp16's loss scaler can "
+                              "unscale the gradients or skip a step whose gradients overflowed: train in bf16 (or "
+                              "float32), or without apollo_layerwise")
         if args.max_grad_norm and args.max_grad_norm > 0:
             raise ConfigError("apollo_layerwise updates each weight inside backward, before the whole-model "
                               "gradient norm exists, so it cannot clip: set max_grad_norm 0")
@@ -141,11 +154,12 @@ def embedding_weight_names(model) -> set[str]:
 
 
 def install_layerwise_hooks(model, optimizer, trainer) -> None:
-    """Step each parameter from its post-accumulate-grad hook on the last micro-batch of a step.
+    """Step the parameters from their post-accumulate-grad hooks on the last micro-batch of a step, in batches of
+    ``apollo_layerwise_batch``.
 
     The lr scheduler still drives ``optimizer``'s groups, and the optimizer's state is the normal
     APOLLO state, so checkpoints and resume work as without layer-wise mode. ``optimizer.step()``
-    (called by the Trainer) finds no gradients left and does nothing.
+    (called by the Trainer) updates the last, incomplete batch; no other gradient is left.
     """
     from .optimizer import register_layerwise_hooks
 
@@ -158,7 +172,8 @@ def install_layerwise_hooks(model, optimizer, trainer) -> None:
         live = accelerator()
         return live is not None and live.sync_gradients
 
-    model._apollo_layerwise_hooks = register_layerwise_hooks(model.parameters(), optimizer, last_micro_batch)
+    model._apollo_layerwise_hooks = register_layerwise_hooks(model.parameters(), optimizer, last_micro_batch,
+                                                             batch=trainer.args.apollo_layerwise_batch)
 
 
 @hookimpl
