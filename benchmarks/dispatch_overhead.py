@@ -5,7 +5,7 @@ GPU) instead of by arithmetic. This script counts and times that on a CPU, where
 GPU: the bench's Llama shape at its depth but negligible width (hidden 128, sequence 16), so the step time is
 almost all per-operator overhead.
 
-- ``step_ms``: median forward + backward + optimizer step per method (single thread).
+- ``step_ms``: median forward + backward + optimizer step per method (single thread, methods taking turns).
 - ``optimizer_step``: the optimizer step alone (gradients in place, interleaved rounds): fused AdamW's and
   APOLLO-Mini's, with the group's state packed by shape (the default) and on the per-weight path (the fallback
   for weights that differ in dtype or device); median milliseconds and top-level operators dispatched.
@@ -20,6 +20,7 @@ import datetime
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -36,24 +37,35 @@ OPTIMIZER_SHAPE = dict(SHAPE, hidden_size=32, intermediate_size=64, num_attentio
 
 
 def build(name: str, layers: int, shape: dict = SHAPE):
-    method = bench.methods()[name]
+    """A bench method's model and optimizer; ``apollo-mini-layerwise-batch-1``: layer-wise APOLLO-Mini updating
+    one weight at a time (``apollo_layerwise_batch: 1``, the only way before batches)."""
+    one_at_a_time = name == "apollo-mini-layerwise-batch-1"
+    method = bench.methods()["apollo-mini" if one_at_a_time else name]
     torch.manual_seed(0)
     model = bench.prepared_model(method, dict(shape, num_hidden_layers=layers), "cpu", torch.float32)
-    return model, (method.optimizer or bench.adamw_over_trainable)(model, 1e-4)
+    optimizer = (method.optimizer or bench.adamw_over_trainable)(model, 1e-4)
+    if one_at_a_time:
+        from trainer_plugins_apollo.optimizer import register_layerwise_hooks
+
+        register_layerwise_hooks(model.parameters(), optimizer, batch=1)
+    return model, optimizer
 
 
-def step_ms(name: str, layers: int, repeats: int) -> float:
-    model, optimizer = build(name, layers)
+def step_ms(names: list[str], layers: int, repeats: int) -> dict[str, float]:
+    """Median whole-step milliseconds per method, the methods taking turns step by step (so a slower stretch
+    of the machine hits them all alike)."""
+    built = {name: build(name, layers) for name in names}
     tokens = torch.randint(0, SHAPE["vocab_size"], (SHAPE["batch"], SHAPE["seq"]))
-    times = []
+    times = {name: [] for name in names}
     for i in range(repeats + 2):
-        start = time.perf_counter()
-        model(input_ids=tokens, labels=tokens).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return round(statistics.median(times) * 1000, 1)
+        for name, (model, optimizer) in built.items():
+            start = time.perf_counter()
+            model(input_ids=tokens, labels=tokens).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if i >= 2:
+                times[name].append(time.perf_counter() - start)
+    return {name: round(statistics.median(t) * 1000, 1) for name, t in times.items()}
 
 
 def optimizer_steps(layers: int, rounds: int) -> dict:
@@ -104,17 +116,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--methods", nargs="+", default=["adamw", "lora-r16", "lst", "meft", "apollo-mini"])
+    p.add_argument("--methods", nargs="+",
+                   default=["adamw", "lora-r16", "lst", "meft", "apollo-mini", "apollo-mini-layerwise",
+                            "apollo-mini-layerwise-batch-1"])
     p.add_argument("--out", type=Path, required=True)
     ns = p.parse_args(argv)
     torch.set_num_threads(1)
     report = {
         "what": __doc__.split("\n\n")[0], "device": f"cpu ({platform.machine()}), 1 thread",
         "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-        "command": f"python benchmarks/dispatch_overhead.py --layers {ns.layers} --out {ns.out}",
+        "command": " ".join(["python benchmarks/dispatch_overhead.py", *(argv if argv is not None else sys.argv[1:])]),
         "shape": dict(SHAPE, num_hidden_layers=ns.layers),
         "optimizer_shape": dict(OPTIMIZER_SHAPE, num_hidden_layers=ns.layers),
-        "step_ms": {name: step_ms(name, ns.layers, ns.repeats) for name in ns.methods},
+        "step_ms": step_ms(ns.methods, ns.layers, ns.repeats),
         "optimizer_step": optimizer_steps(ns.layers, ns.repeats),
     }
     ns.out.write_text(json.dumps(report, indent=2) + "\n")
