@@ -40,7 +40,8 @@ def groups(small: str, large: str, largest: str = "13b") -> list[tuple[str, str,
         ("prune-event", small, None, ["--configs", "8x16", "8x16-bincount", "8x1", "6x1", "7x4", "5x2", "11x1",
                                       "--rounds", "6", "--steps", "5"]),
         ("sparse", small, None, ["adamw", "sparse-50", "sparse-prune-every-step"]),  # issue 4
-        ("timing", large, None, ["--methods", "adamw", "apollo-mini", "--rounds", "3", "--steps", "8"]),  # issue 3
+        ("timing", large, None, ["--methods", "adamw", "apollo-mini", "apollo-mini-layerwise", "--rounds", "3",
+                                  "--steps", "8"]),  # issue 3; layer-wise in batches since 2026-11-29
         ("lst-whole-model", large, None, ["adamw", "lst-full-heads-autocast-torch-compile-cuda-graphs"]),
         # then the rest, again, on this session's versions
         ("lst", small, None, ["adamw", "lora-r16", "lst", "lst-compile", "lst-torch-compile", "lst-autocast",
