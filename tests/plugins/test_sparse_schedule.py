@@ -7,7 +7,7 @@ import torch
 from torch.ao.pruning import WeightNormSparsifier
 from torch.ao.pruning.scheduler.cubic_scheduler import CubicSL
 
-from trainer_plugins_sparse.schedule import Schedule, keep_count, resolve_by_compute, snap
+from trainer_plugins_sparse.schedule import Schedule, keep_count, resolve_by_compute, snap, steps_for_compute
 
 
 def cubic_sl_levels(init_sl, final, init_t, delta_t, total_t, steps):
@@ -85,3 +85,21 @@ def test_bad_schedules_are_refused(kw):
     base = dict(kind="linear", final=0.5, start=0, end=20, every=5, initial=0.0)
     with pytest.raises(ValueError):
         Schedule(**{**base, **kw})
+
+
+@pytest.mark.parametrize("kind, final, fixed", [("geometric", 0.5, 12_585_216), ("cubic", 0.9, 1_000_000),
+                                                ("linear", 0.75, 0)])
+def test_steps_for_compute_match_a_dense_runs_compute(kind, final, fixed):
+    """A sparse run at equal compute with a dense one: the fewest steps whose compute (the schedule timed by
+    compute over those steps) reaches the dense run's. More steps than the dense run, fewer than a run at the
+    final sparsity throughout would get."""
+    prunable, dense_steps = 3_145_728, 240
+    budget = dense_steps * (fixed + prunable)
+    steps = steps_for_compute(budget, kind, final, 0.25, 0.75, 10, fixed, prunable)
+
+    def compute(n):
+        return resolve_by_compute(kind, final, 0.25, 0.75, 10, n, fixed, prunable).compute(n, fixed, prunable)
+
+    assert compute(steps) >= budget > compute(steps - 1)
+    assert dense_steps < steps < budget / (fixed + prunable * (1 - final))
+    assert steps_for_compute(budget, kind, 0.0, 0.25, 0.75, 10, fixed, prunable) == dense_steps  # dense: itself

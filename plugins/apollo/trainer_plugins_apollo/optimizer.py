@@ -177,7 +177,7 @@ class APOLLO(torch.optim.Optimizer):
             return
         if not self._group_of:
             self._group_of = {q: g for g in self.param_groups for q in g["params"]}
-        for group in self.param_groups:  # each group's share, in the group's order
+        for group in self.param_groups:  # each group's share
             mine = [p for p in params if self._group_of[p] is group]
             if mine:
                 self._update(group, mine)
@@ -365,10 +365,11 @@ def projected_shape(shape: tuple[int, int], rank: int) -> tuple[int, int]:
 
 
 class _Pack:
-    """One group's APOLLO state packed by the shape of R: the moments of the k weights whose R is a x b are the
-    rows of one k x a x b tensor, and the limiter's references one vector over the group. ``state[p]`` holds
-    views of these, so state_dict(), resume and the per-weight path read and write the same numbers. Built
-    from the per-weight state (copying any there is) on the first packed step, again after load_state_dict."""
+    """The APOLLO state of weights stepped together (a group's weights with gradients, or a layer-wise batch),
+    packed by the shape of R: the moments of the k weights whose R is a x b are the rows of one k x a x b
+    tensor, and the limiter's references one vector. ``state[p]`` holds views of these, so state_dict(), resume
+    and the per-weight path read and write the same numbers. Built from the per-weight state (copying any there
+    is) the first time these weights step together, again after load_state_dict."""
 
     def __init__(self, params: list, states: list[dict], rank: int, limiter: bool):
         shapes = [projected_shape(tuple(p.shape), rank) for p in params]

@@ -152,3 +152,20 @@ def _end_for(kind, final, start, target, every, total_steps, fixed, prunable, in
     if lo > 0 and target - compute_at(lo - 1) < compute_at(lo) - target:
         lo -= 1
     return start + lo * every
+
+
+def steps_for_compute(budget: float, kind: str, final: float, start_fraction: float, end_fraction: float, every: int,
+                      fixed: float, prunable: float, initial: float = 0.0) -> int:
+    """The fewest steps whose compute, with the schedule timed by compute over that many steps, reaches
+    ``budget`` active parameter-steps (FLOPs / (6 × tokens per step)): the length of a sparse run at equal
+    compute with a dense one of ``budget / (fixed + prunable)`` steps. A pruned run is cheaper per step, so it
+    gets more steps (between the dense count and the count at the final sparsity throughout)."""
+    if budget <= 0:
+        return 0
+    lo = math.floor(budget / (fixed + prunable * (1.0 - initial)))
+    hi = math.ceil(budget / (fixed + prunable * (1.0 - final))) + every + 1
+    for steps in range(max(lo, 1), hi + 1):
+        schedule = resolve_by_compute(kind, final, start_fraction, end_fraction, every, steps, fixed, prunable, initial)
+        if schedule.compute(steps, fixed, prunable) >= budget:
+            return steps
+    return hi
