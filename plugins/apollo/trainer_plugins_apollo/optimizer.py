@@ -263,10 +263,10 @@ class APOLLO(torch.optim.Optimizer):
             p.addcmul_(g, (factor * coef).to(p.dtype))
 
     def _packed_step(self, group, params, grads, states, alpha) -> None:
-        """All of a group's weights at once, their state packed by the shape of R (see _Pack): per shape, one
-        kernel per operation for the moments, the norms and the scaling factors, and one vector of per-weight
-        scalars (norms, limiter) for the group, where the per-weight path dispatches about fifteen operators
-        per weight. On a GPU those launches, not the arithmetic, bound the step: the per-weight path made
+        """Steps several weights of a group at once (all of those with gradients, or a layer-wise batch), their
+        state packed by the shape of R (see _Pack): per shape, one kernel per operation for the moments, the norms
+        and the scaling factors, and one vector of per-weight scalars (norms, limiter), where the per-weight path
+        dispatches about fifteen operators per weight. On a GPU those launches, not the arithmetic, bound the step: the per-weight path made
         Mini's step 1.30x fused AdamW's on a 1B shape. Same arithmetic as the per-weight path, element by
         element (tested)."""
         key = (id(group), tuple(map(id, params)))
