@@ -248,7 +248,7 @@ def test_layerwise_batches_equal_the_plain_step_and_bound_the_live_gradients(bat
 
     x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
     plain, plain_weights, plain_opt = model_and_optimizer()
-    layerwise, weights, opt = model_and_optimizer(Counting)
+    layerwise, _, opt = model_and_optimizer(Counting)
     register_layerwise_hooks(layerwise.parameters(), opt, batch=batch)
     for step in range(8):  # crosses two projection refreshes
         plain(x).square().mean().backward()
