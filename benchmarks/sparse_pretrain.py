@@ -21,22 +21,25 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/smollm2-135m/sparse-pretrain.yaml"
 OUTPUTS = {"dense": "outputs/smollm2-arch-dense-pretrain", "sparse_50": "outputs/smollm2-arch-sparse-pretrain",
            "sparse_50_equal_compute": "outputs/smollm2-arch-sparse-pretrain-equal-compute",
-           # the control (--control): dense with the equal-compute run's steps and samples, so the same data in
-           # the same order as that run: what the longer run and its other data order alone change
+           # the control (--control): dense for the dense run's steps, but on the equal-compute run's samples, so it
+           # sees the same batches in the same order as that run does up to there (the sampler's order depends on
+           # the dataset's length): equal compute, same data stream
            "dense_equal_compute_data": "outputs/smollm2-arch-dense-pretrain-equal-compute-data"}
 
 
-def equal_compute_flags(dense: dict) -> list[str]:
-    """--max_steps (and enough training samples) for the 50% run whose compute equals the dense run's."""
+def equal_compute_flags(dense: dict, steps: int | None = None) -> list[str]:
+    """--max_steps (and enough training samples) for the 50% run whose compute equals the dense run's; with
+    ``steps``: that many steps on the same samples (the control)."""
     from trainer_plugins_sparse.schedule import steps_for_compute
 
     train = yaml.safe_load((ROOT / RECIPE).read_text())["train"]
     batch = train["per_device_train_batch_size"]
     per_step = dense["flos"] / (6 * dense["tokens"])  # active parameters in matmuls: fixed + prunable
     fixed, prunable = per_step - dense["prunable_params"], dense["prunable_params"]
-    steps = steps_for_compute(per_step * dense["steps"], train["sparse_schedule"], train["sparse_final_sparsity"],
+    equal = steps_for_compute(per_step * dense["steps"], train["sparse_schedule"], train["sparse_final_sparsity"],
                               train["sparse_start"], train["sparse_end"], train["sparse_every"], fixed, prunable)
-    return ["--max_steps", str(steps), "--max_train_samples", str(steps * batch)]
+    samples = equal * batch
+    return ["--max_steps", str(steps or equal), "--max_train_samples", str(samples)]
 
 
 def run_all(seed: int, train: bool, control: bool) -> dict:
@@ -51,7 +54,7 @@ def run_all(seed: int, train: bool, control: bool) -> dict:
         if seed != 42:
             extra += ["--seed", str(seed)]
         if "equal_compute" in name:
-            extra += equal_compute_flags(runs["dense"])
+            extra += equal_compute_flags(runs["dense"], steps=runs["dense"]["steps"] if dense else None)
         if train and (control or name != "dense_equal_compute_data"):
             subprocess.run([sys.executable, "-m", "trainer_plugins", "train", RECIPE, *extra], cwd=ROOT, check=True)
         record = json.loads((ROOT / output / "sparsity.json").read_text())
@@ -62,11 +65,15 @@ def run_all(seed: int, train: bool, control: bool) -> dict:
 
 def summary(runs: dict) -> dict:
     dense = runs["dense"]
-    return {name: {"eval_loss": run["eval_loss"], "eval_loss_vs_dense": run["eval_loss"] / dense["eval_loss"],
-                   "steps": run["steps"], "tokens": run["tokens"], "flos_vs_dense": run["flos"] / dense["flos"],
-                   "final_active_params_vs_dense": run["active_params"] / dense["active_params"],
-                   "avg_params_vs_dense": run["avg_params"] / dense["avg_params"]}
-            for name, run in runs.items()}
+    result = {name: {"eval_loss": run["eval_loss"], "eval_loss_vs_dense": run["eval_loss"] / dense["eval_loss"],
+                     "steps": run["steps"], "tokens": run["tokens"], "flos_vs_dense": run["flos"] / dense["flos"],
+                     "final_active_params_vs_dense": run["active_params"] / dense["active_params"],
+                     "avg_params_vs_dense": run["avg_params"] / dense["avg_params"]}
+              for name, run in runs.items()}
+    if "dense_equal_compute_data" in runs:  # equal compute and the same batches in the same order
+        result["sparse_50_equal_compute"]["eval_loss_vs_dense_same_data"] = (
+            runs["sparse_50_equal_compute"]["eval_loss"] / runs["dense_equal_compute_data"]["eval_loss"])
+    return result
 
 
 def main():
