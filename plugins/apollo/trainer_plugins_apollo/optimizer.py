@@ -266,9 +266,9 @@ class APOLLO(torch.optim.Optimizer):
         """Steps several weights of a group at once (all of those with gradients, or a layer-wise batch), their
         state packed by the shape of R (see _Pack): per shape, one kernel per operation for the moments, the norms
         and the scaling factors, and one vector of per-weight scalars (norms, limiter), where the per-weight path
-        dispatches about fifteen operators per weight. On a GPU those launches, not the arithmetic, bound the step: the per-weight path made
-        Mini's step 1.30x fused AdamW's on a 1B shape. Same arithmetic as the per-weight path, element by
-        element (tested)."""
+        dispatches about fifteen operators per weight. On a GPU those launches, not the arithmetic, bound the
+        step: the per-weight path made Mini's step 1.30x fused AdamW's on a 1B shape. Same arithmetic as the
+        per-weight path, element by element (tested)."""
         key = (id(group), tuple(map(id, params)))
         pack = self._packs.get(key)
         if pack is None:  # the first step of these weights together (another set had gradients, say)
@@ -278,12 +278,8 @@ class APOLLO(torch.optim.Optimizer):
         params, grads, states = pack.in_order(params), pack.in_order(grads), pack.in_order(states)
         projected = [torch.empty_like(m) for m in pack.exp_avg]  # R, one (k, a, b) tensor per shape
         rows_of = [r.unbind() for r in projected]
-        for p, g, (shape, row) in zip(params, grads, pack.slots):
-            proj_t = self._projections[p]
-            if p.shape[0] >= p.shape[1]:
-                torch.mm(g, proj_t, out=rows_of[shape][row])
-            else:
-                torch.mm(proj_t, g, out=rows_of[shape][row])
+        for p, state, (shape, row) in zip(params, states, pack.slots):
+            self._project(p, state, out=rows_of[shape][row])
         m, denom = _adam_moments(group, pack.exp_avg, pack.exp_avg_sq, projected)
         normalized = torch._foreach_div(m, denom)
         if group["scale_type"] == "tensor":
@@ -336,9 +332,10 @@ class APOLLO(torch.optim.Optimizer):
             self._projections[p] = projection(tuple(p.shape), group["rank"], state["seed"], p.device, p.grad.dtype).T
         return state
 
-    def _project(self, p: torch.Tensor, state: dict) -> torch.Tensor:
+    def _project(self, p: torch.Tensor, state: dict, out: torch.Tensor | None = None) -> torch.Tensor:
+        """R = G P^T (m >= n) or P^T G, into ``out`` if given (a row of a packed tensor)."""
         proj_t = self._projections[p]
-        r = p.grad @ proj_t if p.shape[0] >= p.shape[1] else proj_t @ p.grad
+        r = torch.mm(p.grad, proj_t, out=out) if p.shape[0] >= p.shape[1] else torch.mm(proj_t, p.grad, out=out)
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(r)
             state["exp_avg_sq"] = torch.zeros_like(r)
@@ -403,13 +400,12 @@ class _Pack:
     def release(self, keep: list) -> list:
         """Gives the weights not in ``keep`` their own copies of their state; returns those weights."""
         kept = {id(p) for p in keep}
-        released = [p for p in self.params if id(p) not in kept]
-        for p, state in zip(self.params, self.states):
-            if id(p) not in kept:
-                for name in ("exp_avg", "exp_avg_sq", "limiter_norm"):
-                    if name in state:
-                        state[name] = state[name].clone()
-        return released
+        released = [(p, state) for p, state in zip(self.params, self.states) if id(p) not in kept]
+        for _, state in released:
+            for name in ("exp_avg", "exp_avg_sq", "limiter_norm"):
+                if name in state:
+                    state[name] = state[name].clone()
+        return [p for p, _ in released]
 
 
 def _packable(params: list[torch.Tensor]) -> bool:
