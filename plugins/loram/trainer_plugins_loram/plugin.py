@@ -490,14 +490,21 @@ def export(trainer, output_dir):
 
 
 def merge(state: LoramState, adapter_dir, target, tokenizer=None) -> None:
-    """Original model + recovered adapter, merged (W + α/r·B·A) and saved with ``save_pretrained``."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    """Original model + recovered adapter, merged (W + α/r·B·A) and saved as ``save_pretrained`` saves it: tensor
+    by tensor from the original's safetensors (merging.py: memory of one shard, not of the model), else, where
+    that cannot reproduce peft's merge, through peft with the whole original loaded."""
+    from .merging import merge_streaming
 
-    with whole_weights():
-        original = AutoModelForCausalLM.from_pretrained(state.original, dtype=state.dtype)
-    merged = PeftModel.from_pretrained(original, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(str(target))
+    why = merge_streaming(state.original, adapter_dir, target, state.dtype)
+    if why is not None:
+        logger.info("loram: merging with the whole original in memory: %s", why)
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        with whole_weights():
+            original = AutoModelForCausalLM.from_pretrained(state.original, dtype=state.dtype)
+        merged = PeftModel.from_pretrained(original, str(adapter_dir)).merge_and_unload()
+        merged.save_pretrained(str(target))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(target))
     logger.info("loram: merged model written to %s", target)
