@@ -4,7 +4,7 @@
 
 Writes a random-weight Llama of the bench shape in bf16 safetensors (5 GB shards, as the hub's) and a random
 LoRA r8 on its seven projections in peft's format, then merges it in a fresh process per method and records
-that process's peak resident memory (ru_maxrss) above what it held before merging, and the wall time. The
+that process's peak resident memory (VmHWM) above what it held before merging, and the wall time. The
 merged directories are compared tensor by tensor (they must be equal bit for bit). Values do not matter to
 memory or time; the shape does.
 """
@@ -13,7 +13,6 @@ import argparse
 import datetime
 import json
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -28,11 +27,13 @@ METHODS = {"streaming": "merging.merge_streaming (2 GiB output shards, the defau
            "peft": "AutoModelForCausalLM.from_pretrained + PeftModel.from_pretrained + merge_and_unload + save_pretrained"}
 
 
-def rss_gib() -> float:
+def rss_gib(field: str = "VmRSS") -> float:
+    """This process's resident memory now (VmRSS) or at its peak (VmHWM, which, unlike ru_maxrss, starts
+    afresh at exec: the parent's peak is not inherited)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 2**20
-    return float("nan")
+    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
 
 
 def write_original(directory: Path, shape: str) -> dict:
@@ -109,7 +110,7 @@ def child(method: str, original: str, adapter: str, target: str) -> None:
         model = AutoModelForCausalLM.from_pretrained(original, dtype=torch.bfloat16)
         PeftModel.from_pretrained(model, adapter).merge_and_unload().save_pretrained(target)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    peak = rss_gib("VmHWM")
     print(json.dumps({"rss_before_gib": round(before, 3), "peak_rss_gib": round(peak, 3),
                       "merge_peak_gib": round(peak - before, 3), "seconds": round(seconds, 2)}))
 

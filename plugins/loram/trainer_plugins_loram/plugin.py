@@ -271,9 +271,9 @@ def calibration_batches(args, tokenizer) -> list:
                    args.loram_calibration_seq_length, tokenizer, seed=args.seed)
 
 
-def make_plan(model, args, tokenizer_fn):
+def make_plan(model, args, tokenizer_fn, layer_of=None):
     """Score and select (or read loram_indices). The weights are not changed; with calibration batches the
-    model moves to the GPU (if any) first, where it then stays."""
+    model moves to the GPU (if any) first, where it then stays. ``layer_of``: see structured_plan."""
     from .pruning import PruningPlan, structured_plan, unstructured_plan
 
     if args.loram_indices:
@@ -284,7 +284,8 @@ def make_plan(model, args, tokenizer_fn):
         model.to(_device())
     attn, mlp = ratios(args)
     common = dict(keep_first=args.loram_keep_first_layers, keep_last=args.loram_keep_last_layers,
-                  importance=args.loram_importance, batches=batches, seed=args.seed, reduce=_broadcast())
+                  importance=args.loram_importance, batches=batches, seed=args.seed, reduce=_broadcast(),
+                  layer_of=layer_of)
     if args.loram_pruning == "structured":
         plan = structured_plan(model, ratio_attn=attn, ratio_mlp=mlp, neuron_multiple=args.loram_neuron_multiple,
                                **common)
@@ -300,17 +301,22 @@ def make_plan(model, args, tokenizer_fn):
     return plan
 
 
-def _resume_plan(args):
-    """On resume, the plan the interrupted run used (its output_dir index file): scores are not recomputed."""
+def _resume_plan_file(args) -> Optional[Path]:
+    """On resume, the index file of the interrupted run (in its output_dir): its plan, not new scores."""
     if not args.resume_from_checkpoint or args.loram_indices or args.loram_pruned_model:
         return None
     path = Path(args.output_dir) / INDEX_FILE
-    if path.is_file():
-        from .pruning import PruningPlan
+    return path if path.is_file() else None
 
-        logger.info("loram: resuming with the pruning of the interrupted run (%s)", path)
-        return PruningPlan.load(path)
-    return None
+
+def _resume_plan(args):
+    path = _resume_plan_file(args)
+    if path is None:
+        return None
+    from .pruning import PruningPlan
+
+    logger.info("loram: resuming with the pruning of the interrupted run (%s)", path)
+    return PruningPlan.load(path)
 
 
 def prune(model, args, tokenizer_fn, original: Optional[str]) -> LoramState:
@@ -361,8 +367,13 @@ def load_model(args, model_args):
             state = _attach(model, args, plan, original, pruned_model=args.loram_pruned_model,
                             parameters={"pruned": count_parameters(model)[0]})
         else:
-            model = host_load(dataclasses.replace(model_args, load_in_4bit=False), zero3=False)
-            state = prune(model, args, lambda: load_tokenizer(model_args), original)
+            streamed = _load_pruned_original(args, model_args, dtype, original) if _scores_need_no_forward(
+                args) and model_args.model_init != "random" else None
+            if streamed is not None:
+                model, state = streamed
+            else:
+                model = host_load(dataclasses.replace(model_args, load_in_4bit=False), zero3=False)
+                state = prune(model, args, lambda: load_tokenizer(model_args), original)
     state.dtype = dtype
     if model_args.load_in_4bit:
         from trainer_plugins.models import quantize_linears_4bit
@@ -372,6 +383,33 @@ def load_model(args, model_args):
         quantize_linears_4bit(model, quantization_config(model_args, zero3=zero3), _device())
         state.record["4bit"] = model_args.bnb_4bit_quant_type
     return model
+
+
+def _scores_need_no_forward(args) -> bool:
+    """The plan comes from the weights alone (magnitude, random) or from a file: the original can be pruned
+    while it is read, without ever being whole in memory."""
+    return bool(args.loram_indices or _resume_plan_file(args) or args.loram_importance in ("magnitude", "random"))
+
+
+def _load_pruned_original(args, model_args, dtype, original: str):
+    """(pruned model, state) read from the original's checkpoint tensor by tensor (storage.load_pruned_original),
+    or None where that cannot be done (the caller loads the whole original)."""
+    from trainer_plugins.models import count_parameters, load_model_config
+
+    from .storage import load_pruned_original
+
+    def plan_for(meta_model, layer_of):
+        return _resume_plan(args) or make_plan(meta_model, args, None, layer_of=layer_of)
+
+    loaded = load_pruned_original(original, load_model_config(model_args), plan_for, dtype,
+                                  model_args.attn_implementation)
+    if loaded is None:
+        return None
+    model, plan, before = loaded
+    after = count_parameters(model)[0]
+    logger.info("loram: pruned %s while reading it (%d -> %d parameters)", original, before, after)
+    return model, _attach(model, args, plan, original, parameters={"original": before, "pruned": after,
+                                                                   "pruned_fraction": 1 - after / before})
 
 
 @hookimpl

@@ -344,12 +344,15 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def structured_plan(model, *, ratio_attn: float, ratio_mlp: float, keep_first: int = 0, keep_last: int = 0,
                     importance: str = "magnitude", batches: Optional[list[torch.Tensor]] = None, seed: int = 0,
-                    reduce=None, neuron_multiple: int = 1) -> PruningPlan:
+                    reduce=None, neuron_multiple: int = 1, layer_of=None) -> PruningPlan:
     """Decide which KV-head groups and MLP neurons each pruned layer keeps. ``reduce(tensor)`` makes every
     process use the same scores (e.g. a broadcast from rank 0); None in one process. ``neuron_multiple``:
-    the kept MLP neurons are rounded to a multiple of it (see kept_count)."""
+    the kept MLP neurons are rounded to a multiple of it (see kept_count). ``layer_of(i)``: where layer i's
+    projections are read for magnitude scores (default: the model's own layer; storage.load_pruned_original
+    reads them from the checkpoint)."""
     g = Geometry.from_config(model.config)
     layers = pruned_layers(g.num_layers, keep_first, keep_last)
+    layer_of = layer_of or (lambda i: decoder_layers(model)[i])
     if importance == "first_order":
         _first_order_grads(model, layers, batches or [])
     generator = torch.Generator().manual_seed(seed)
@@ -359,7 +362,7 @@ def structured_plan(model, *, ratio_attn: float, ratio_mlp: float, keep_first: i
             heads, neurons = torch.rand(g.num_kv_heads, generator=generator), torch.rand(g.intermediate_size,
                                                                                         generator=generator)
         else:
-            heads, neurons = _structured_scores(decoder_layers(model)[i], g, importance)
+            heads, neurons = _structured_scores(layer_of(i), g, importance)
         if reduce is not None:
             heads, neurons = reduce(heads), reduce(neurons)
         plan.kv_heads[i] = _top(heads, kept_count(g.num_kv_heads, ratio_attn))
@@ -372,17 +375,18 @@ def structured_plan(model, *, ratio_attn: float, ratio_mlp: float, keep_first: i
 
 def unstructured_plan(model, *, kind: str, ratio: float, keep_first: int = 0, keep_last: int = 0,
                       importance: str = "magnitude", batches: Optional[list[torch.Tensor]] = None, seed: int = 0,
-                      reduce=None) -> PruningPlan:
+                      reduce=None, layer_of=None) -> PruningPlan:
     """Masks for N:M (kind 'N:M': N of every M consecutive weights of a row survive) or unstructured
-    (kind 'unstructured': the lowest ``ratio`` of each output row goes)."""
+    (kind 'unstructured': the lowest ``ratio`` of each output row goes). ``layer_of``: as in structured_plan."""
     g = Geometry.from_config(model.config)
     layers = pruned_layers(g.num_layers, keep_first, keep_last)
+    layer_of = layer_of or (lambda i: decoder_layers(model)[i])
     norms = _activation_norms(model, layers, batches or []) if importance == "wanda" else {}
     n_m = parse_pruning(kind)
     generator = torch.Generator().manual_seed(seed)
     plan = PruningPlan(kind, g)
     for i in layers:
-        for name, module in _projections(decoder_layers(model)[i], f"model.layers.{i}"):
+        for name, module in _projections(layer_of(i), f"model.layers.{i}"):
             w = module.weight.detach()
             if importance == "random":
                 scores = torch.rand(w.shape, generator=generator)

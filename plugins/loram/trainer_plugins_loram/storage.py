@@ -4,8 +4,10 @@ A structurally pruned model has different shapes per layer (the dense first/last
 which no transformers config can describe. We save it as the original config + the weights + the index
 file; loading builds the original architecture on the meta device, shrinks it with the index file and
 reads the weights into it, so only the pruned weights are ever in memory (a pruned 70B loads in the
-memory of its pruned size). 4-bit: the host's quantize_linears_4bit quantises the pruned projections one by
-one on the target device.
+memory of its pruned size). The original itself is pruned the same way while it is read
+(``load_pruned_original``) where the scores need no forward pass: one layer's weights are scored at a time
+and only the kept rows and columns are kept. 4-bit: the host's quantize_linears_4bit quantises the pruned
+projections one by one on the target device.
 """
 
 from __future__ import annotations
@@ -13,10 +15,55 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
 
 import torch
 
-from .pruning import INDEX_FILE, PruningPlan
+from .pruning import ATTENTION, INDEX_FILE, MLP, PruningPlan
+
+SINGLE_FILE, SHARD_INDEX = "model.safetensors", "model.safetensors.index.json"
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class Checkpoint:
+    """A model's safetensors files, read one tensor at a time (memory-mapped): names, stored dtypes and shapes
+    from the headers, a tensor only when asked for."""
+
+    def __init__(self, files: list[Path]):
+        from safetensors import safe_open
+
+        self.files, self.where, self.dtypes, self.shapes = files, {}, {}, {}
+        for path in files:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    view = f.get_slice(name)
+                    self.where[name], self.shapes[name] = path, tuple(view.get_shape())
+                    self.dtypes[name] = _DTYPES.get(view.get_dtype())  # None: a dtype torch has no name for here
+
+    @classmethod
+    def of(cls, source: str) -> Optional["Checkpoint"]:
+        """The safetensors checkpoint of a model directory or hub name (from the local cache where it is, as
+        ``from_pretrained`` finds it), or None when there is none (PyTorch .bin files only)."""
+        from transformers.utils import cached_file
+        from transformers.utils.hub import get_checkpoint_shard_files
+
+        missing_ok = dict(_raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
+        index = cached_file(source, SHARD_INDEX, **missing_ok)
+        if index is not None:
+            return cls([Path(f) for f in get_checkpoint_shard_files(source, index)[0]])
+        single = cached_file(source, SINGLE_FILE, **missing_ok)
+        return cls([Path(single)]) if single is not None else None
+
+    def get(self, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """One tensor; floating ones in ``dtype`` (as ``from_pretrained(dtype=...)`` holds them) when given."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.where[name]), framework="pt") as f:
+            tensor = f.get_tensor(name)
+        return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
 def is_pruned_model_dir(path) -> bool:
@@ -44,6 +91,64 @@ def load_pruned_model(path, dtype: torch.dtype, attn_implementation=None):
                          f"unexpected {sorted(unexpected)[:3]})")
     model.tie_weights()
     return model, plan
+
+
+def load_pruned_original(source: str, config, plan_for, dtype: torch.dtype, attn_implementation=None):
+    """(model, plan, parameters before pruning) with the original's weights read from its safetensors
+    checkpoint tensor by tensor and pruned as they arrive: memory of the pruned model and one layer, not of
+    the original. ``plan_for(meta_model, layer_of)`` makes the plan, scoring layer ``i`` on ``layer_of(i)``
+    (that layer's projections, read when asked for). None where the checkpoint cannot be read this way
+    (no safetensors, names other than the model's); the caller then loads the whole original."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    checkpoint = Checkpoint.of(source)
+    if checkpoint is None:
+        return None
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    model.tie_weights()  # a tied head counts once, as in the loaded original
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(model.state_dict()) - tied - set(checkpoint.where) or None in checkpoint.dtypes.values():
+        return None
+    before = sum(p.numel() for p in model.parameters())
+
+    def layer_of(i: int):
+        layer = SimpleNamespace(self_attn=SimpleNamespace(), mlp=SimpleNamespace())
+        for sub, names in (("self_attn", ATTENTION), ("mlp", MLP)):
+            for proj in names:
+                key = f"model.layers.{i}.{sub}.{proj}"
+                bias = checkpoint.get(key + ".bias", dtype) if key + ".bias" in checkpoint.where else None
+                setattr(getattr(layer, sub), proj, SimpleNamespace(weight=checkpoint.get(key + ".weight", dtype),
+                                                                  bias=bias))
+        return layer
+
+    plan = plan_for(model, layer_of)
+    if plan.structured:
+        plan.apply(model)  # shrinks the empty projections
+    state = {}
+    for name in model.state_dict():
+        if name in tied:
+            continue
+        tensor = checkpoint.get(name, dtype)
+        module, _, kind = name.rpartition(".")
+        rows, cols = plan.kept_rows_cols(module)
+        if rows is not None:
+            tensor = tensor.index_select(0, rows)
+        if cols is not None and kind == "weight":
+            tensor = tensor.index_select(1, cols)
+        if module in plan.masks and kind == "weight":  # unstructured / N:M: zeros, same shapes (biases kept)
+            tensor = tensor * plan.masks[module].to(tensor.dtype)
+        state[name] = tensor.contiguous()
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    model.config._name_or_path = model.name_or_path = source
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(source)
+    except OSError:  # the original has none
+        pass
+    return model.eval(), plan, before
 
 
 def _read_safetensors(path: Path) -> dict:
