@@ -10,8 +10,9 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from trainer_plugins.models import tiny_llama_config
-from trainer_plugins_loram.merging import checkpoint_files, lora_deltas, merge_streaming
+from trainer_plugins_loram.merging import lora_deltas, merge_streaming
 from trainer_plugins_loram.plugin import LoramState, merge
+from trainer_plugins_loram.storage import Checkpoint
 
 SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=4)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -86,7 +87,7 @@ def test_streaming_merge_equals_peft_merge_bit_for_bit(original, tmp_path, monke
 def test_a_single_file_original_gives_a_single_file(tmp_path):
     torch.manual_seed(0)
     LlamaForCausalLM(tiny_llama_config(**SHAPE)).save_pretrained(tmp_path / "orig")  # tied head, one file
-    assert checkpoint_files(str(tmp_path / "orig")) == [tmp_path / "orig" / "model.safetensors"]
+    assert Checkpoint.of(str(tmp_path / "orig")).files == [tmp_path / "orig" / "model.safetensors"]
     adapter_dir = adapter(str(tmp_path / "orig"), tmp_path / "adapter")
     assert merge_streaming(str(tmp_path / "orig"), adapter_dir, tmp_path / "merged", torch.float32) is None
     assert sorted(p.name for p in (tmp_path / "merged").glob("*.safetensors")) == ["model.safetensors"]

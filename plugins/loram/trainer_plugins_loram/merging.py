@@ -22,24 +22,9 @@ from typing import Optional
 import torch
 
 from .recovery import _LORA_KEY
+from .storage import SHARD_INDEX, SINGLE_FILE, Checkpoint
 
-SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 MAX_SHARD_SIZE = 2 * 1024**3
-
-
-def checkpoint_files(source: str) -> Optional[list[Path]]:
-    """The safetensors files of a model directory or hub name (from the local cache where they are already, as
-    ``from_pretrained`` finds them), or None when it has none (only .bin files)."""
-    from transformers.utils import cached_file
-    from transformers.utils.hub import get_checkpoint_shard_files
-
-    missing_ok = dict(_raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
-    index = cached_file(source, INDEX_FILE, **missing_ok)
-    if index is not None:
-        files, _ = get_checkpoint_shard_files(source, index)
-        return [Path(f) for f in files]
-    single = cached_file(source, SINGLE_FILE, **missing_ok)
-    return [Path(single)] if single is not None else None
 
 
 def lora_deltas(adapter_dir) -> tuple[Optional[str], dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
@@ -87,34 +72,25 @@ def merge_streaming(source: str, adapter_dir, target, dtype: Optional[torch.dtyp
     (config, generation config, safetensors shards with an index), floating tensors in ``dtype`` (as stored with
     None), as ``from_pretrained(source, dtype=dtype)`` would hold them. Returns None when done, or why it cannot
     (then nothing is written)."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
     from transformers import AutoConfig, GenerationConfig
 
     config = AutoConfig.from_pretrained(source)
     if getattr(config, "quantization_config", None):
         return "the original is quantised (from_pretrained dequantises or keeps it packed)"
-    files = checkpoint_files(source)
-    if files is None:
+    checkpoint = Checkpoint.of(source)
+    if checkpoint is None:
         return "the original has no safetensors checkpoint"
     why, pairs, scaling = lora_deltas(adapter_dir)
     if why is not None:
         return why
-    where: dict[str, Path] = {}
-    sizes: dict[str, int] = {}  # bytes in the output
-    stored: dict[str, torch.dtype] = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                view = f.get_slice(name)
-                kind = _DTYPES.get(view.get_dtype())
-                if kind is None:
-                    return f"{name} is stored as {view.get_dtype()}"
-                stored[name] = dtype if dtype is not None and kind.is_floating_point else kind
-                numel = 1
-                for d in view.get_shape():
-                    numel *= d
-                where[name], sizes[name] = path, numel * stored[name].itemsize
+    unknown = [name for name, kind in checkpoint.dtypes.items() if kind is None]
+    if unknown:
+        return f"{unknown[0]} has a dtype this merge does not read"
+    where = checkpoint.where
+    stored = {name: dtype if dtype is not None and kind.is_floating_point else kind
+              for name, kind in checkpoint.dtypes.items()}  # the output's dtypes
+    sizes = {name: torch.Size(checkpoint.shapes[name]).numel() * stored[name].itemsize for name in where}
     missing = sorted(set(pairs) - set(where))
     if missing:
         return f"the checkpoint has no tensor {missing[0]} (the adapter's names differ from the checkpoint's)"
@@ -128,8 +104,7 @@ def merge_streaming(source: str, adapter_dir, target, dtype: Optional[torch.dtyp
     for file_name, members in zip(file_names, shards):
         tensors = {}
         for name in members:
-            with safe_open(str(where[name]), framework="pt") as f:  # one tensor read at a time (memory-mapped)
-                tensor = f.get_tensor(name)
+            tensor = checkpoint.get(name)  # one tensor read at a time (memory-mapped)
             if name in pairs:
                 tensor = merged_weight(tensor, *pairs[name], scaling, stored[name])
             tensors[name] = tensor.to(stored[name]).contiguous()
@@ -138,7 +113,7 @@ def merge_streaming(source: str, adapter_dir, target, dtype: Optional[torch.dtyp
         del tensors
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": dict(sorted(weight_map.items()))}
-        (target / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        (target / SHARD_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     if dtype is not None:
         config.dtype = dtype
     config.save_pretrained(str(target))
@@ -161,7 +136,3 @@ def _plan_shards(names: list[str], sizes: dict[str, int], max_size: int) -> list
         total += sizes[name]
     return shards
 
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
-           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
