@@ -140,9 +140,12 @@ def child(method: str, original: str, adapter: str, target: str) -> None:
         args = PluginTrainingArguments(output_dir=target, use_cpu=True, report_to=[], loram="lora",
                                        loram_importance="magnitude", loram_ratio=0.65)
         model = plugin.load_model(args, ModelArguments(model_name_or_path=original, dtype="bfloat16"))
-        seconds, peak = time.perf_counter() - start, rss_gib("VmHWM")
+        seconds = time.perf_counter() - start
+        # safetensors hands out memory-mapped tensors, resident once read: the digest reads every one, so the
+        # peak counts the whole pruned model (and one tensor's bytes copy)
         result = {"digest": digest(list(model.state_dict().items())),
                   "parameters": json.loads((Path(target) / "loram.json").read_text())["parameters"]}
+        peak = rss_gib("VmHWM")
     else:
         if method.startswith("merge-streaming"):
             size = 512 * 2**20 if method == "merge-streaming-512mb" else MAX_SHARD_SIZE
@@ -161,16 +164,21 @@ def main():
     parser.add_argument("--shape", default="1b")
     parser.add_argument("--out", default="benchmarks/results/loram_host_memory_cpu.json")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--work", help="keep the written original and adapter here (reused by a later run)")
     parser.add_argument("--child", nargs=4, metavar=("METHOD", "ORIGINAL", "ADAPTER", "TARGET"))
     opts = parser.parse_args()
     if opts.child:
         return child(*opts.child)
-    work = Path(tempfile.mkdtemp(prefix="loram-merge-"))
+    work = Path(opts.work) if opts.work else Path(tempfile.mkdtemp(prefix="loram-host-memory-"))
     try:
         original, adapter = work / "original", work / "adapter"
-        original.mkdir()
-        model = write_original(original, opts.shape)
-        write_adapter(adapter, original)
+        if (work / "original.json").is_file():  # --work of an earlier run of the same shape
+            model = json.loads((work / "original.json").read_text())
+        else:
+            original.mkdir(parents=True, exist_ok=True)
+            model = write_original(original, opts.shape)
+            write_adapter(adapter, original)
+            (work / "original.json").write_text(json.dumps(model))
         results = {}
         for method in opts.methods.split(","):
             target = work / f"out-{method}"
@@ -204,7 +212,8 @@ def main():
         print(json.dumps(report, indent=2))
         assert all(identical.values()), f"results differ: {identical}"
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not opts.work:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

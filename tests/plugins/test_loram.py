@@ -206,6 +206,12 @@ def test_refusals_that_need_the_model_config_or_setup(model_dir, tmp_path, deeps
     four_bit["model"]["load_in_4bit"] = True
     with pytest.raises(ConfigError, match="4-bit weights cannot be trained"):
         load_recipe(four_bit)
+    from trainer_plugins.models import ModelArguments
+    from trainer_plugins_loram.plugin import validate
+
+    classifier = ModelArguments(model_name_or_path=model_dir, task="sequence-classification", num_labels=2)
+    with pytest.raises(ConfigError, match="loram trains a causal LM"):
+        validate(PluginTrainingArguments(output_dir=str(tmp_path), **LORAM), classifier, None)
     other = tmp_path / "other"
     torch.manual_seed(0)
     LlamaForCausalLM(tiny_llama_config(**{**SHAPE, "intermediate_size": 128})).save_pretrained(other)

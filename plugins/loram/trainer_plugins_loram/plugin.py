@@ -171,6 +171,9 @@ def validate(args, model_args, model_config):
             raise ConfigError("loram_merge merges a LoRA adapter; loram=align trains no adapter")
     if model_args is not None and getattr(model_args, "model_init", "pretrained") == "random":
         raise ConfigError("loram prunes a pretrained model; model_init=random has nothing to keep")
+    if model_args is not None and getattr(model_args, "task", "causal-lm") != "causal-lm":
+        raise ConfigError(f"loram trains a causal LM (its adapter is recovered to and merged into the original "
+                          f"causal LM); task {model_args.task} is not supported")
     if model_config is not None:
         _check_model(args, model_config, structured)
 
