@@ -98,10 +98,13 @@ def load_pruned_original(source: str, config, plan_for, dtype: torch.dtype, attn
     checkpoint tensor by tensor and pruned as they arrive: memory of the pruned model and one layer, not of
     the original. ``plan_for(meta_model, layer_of)`` makes the plan, scoring layer ``i`` on ``layer_of(i)``
     (that layer's projections, read when asked for). None where the checkpoint cannot be read this way
-    (no safetensors, names other than the model's); the caller then loads the whole original."""
+    (no safetensors, names other than the model's, a quantised checkpoint); the caller then loads the whole
+    original."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, GenerationConfig
 
+    if getattr(config, "quantization_config", None):  # packed weights: from_pretrained's quantiser reads them
+        return None
     checkpoint = Checkpoint.of(source)
     if checkpoint is None:
         return None
