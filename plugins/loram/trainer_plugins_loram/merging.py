@@ -84,16 +84,16 @@ def merge_streaming(source: str, adapter_dir, target, dtype: Optional[torch.dtyp
     why, pairs, scaling = lora_deltas(adapter_dir)
     if why is not None:
         return why
-    unknown = [name for name, kind in checkpoint.dtypes.items() if kind is None]
-    if unknown:
-        return f"{unknown[0]} has a dtype this merge does not read"
     where = checkpoint.where
-    stored = {name: dtype if dtype is not None and kind.is_floating_point else kind
-              for name, kind in checkpoint.dtypes.items()}  # the output's dtypes
-    sizes = {name: torch.Size(checkpoint.shapes[name]).numel() * stored[name].itemsize for name in where}
     missing = sorted(set(pairs) - set(where))
     if missing:
         return f"the checkpoint has no tensor {missing[0]} (the adapter's names differ from the checkpoint's)"
+    unknown = [name for name, kind in checkpoint.dtypes.items() if kind is None]
+    if unknown:
+        return f"{unknown[0]} has a dtype this merge does not read"
+    stored = {name: dtype if dtype is not None and kind.is_floating_point else kind
+              for name, kind in checkpoint.dtypes.items()}  # the output's dtypes
+    sizes = {name: torch.Size(checkpoint.shapes[name]).numel() * stored[name].itemsize for name in where}
 
     shards = _plan_shards(list(where), sizes, max_shard_size)  # in the checkpoint's order
     target = Path(target)

@@ -83,7 +83,8 @@ def load_pruned_model(path, dtype: torch.dtype, attn_implementation=None):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
     if plan.structured:
         plan.apply(model)  # shrinks the empty projections to the saved shapes
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in _read_safetensors(path).items()}
+    checkpoint = Checkpoint.of(str(path))
+    state = {name: checkpoint.get(name, dtype) for name in checkpoint.where}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
@@ -152,18 +153,6 @@ def load_pruned_original(source: str, config, plan_for, dtype: torch.dtype, attn
     except OSError:  # the original has none
         pass
     return model.eval(), plan, before
-
-
-def _read_safetensors(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
-        "model.safetensors"]
-    state = {}
-    for name in files:
-        state.update(load_file(str(path / name)))
-    return state
 
 
 def save_plan(plan: PruningPlan, output_dir, record: dict) -> None:
