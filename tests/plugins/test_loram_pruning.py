@@ -85,6 +85,28 @@ def test_recovered_adapter_on_masked_original_equals_pruned_model_with_adapter(k
         assert torch.equal(delta(recovered, name), delta(state, name))
 
 
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_first_order_scores_one_layer_at_a_time_equal_one_backward_pass(kind):
+    """first_order_scores_by_layer (a forward without autograd, then the gradient carried down one layer at a time,
+    each layer's forward recomputed) gives the scores of backward passes through the whole model, bit for bit."""
+    from trainer_plugins_loram.pruning import _first_order_grads, _structured_scores, decoder_layers, \
+        first_order_scores_by_layer
+
+    model, layers, data = build(kind), [1, 2], batches(3)
+    g = Geometry.from_config(model.config)
+    loaded = []
+    by_layer = first_order_scores_by_layer(model, layers, data, loaded.append, lambda m: None, "cpu")
+    assert not any(p.grad is not None for p in model.parameters()) and not model.training
+    # every decoder layer loaded once in the forward, then from the last down to the lowest scored in the backward
+    index = {id(m): i for i, m in enumerate(decoder_layers(model))}
+    order = [index[id(m)] for m in loaded if id(m) in index]
+    assert order == [0, 1, 2, 3, 3, 2, 1]
+    _first_order_grads(model, layers, data)
+    for i in layers:
+        heads, neurons = _structured_scores(decoder_layers(model)[i], g, "first_order")
+        assert torch.equal(by_layer[i][0], heads) and torch.equal(by_layer[i][1], neurons)
+
+
 def test_gqa_removes_kv_heads_with_their_query_group():
     model = build()
     g = Geometry.from_config(model.config)

@@ -3,10 +3,12 @@ file) equals the whole original loaded and then pruned, bit for bit, without fro
 scores need a forward pass, or the checkpoint is not safetensors, the whole original is loaded."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel, Qwen2Config
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Qwen2Config
 
 from trainer_plugins import PluginTrainingArguments
 from trainer_plugins.models import ModelArguments, tiny_llama_config
@@ -14,26 +16,30 @@ from trainer_plugins_loram import plugin, storage
 from trainer_plugins_loram.pruning import INDEX_FILE, PruningPlan
 
 SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-             vocab_size=300, max_position_embeddings=128)
+             max_position_embeddings=128)
 
 
 @pytest.fixture(scope="module")
-def originals(tmp_path_factory):
-    """Checkpoints in float32, several shards each: a Llama with an untied head and a Qwen2 (q/k/v biases)
-    with tied embeddings."""
+def originals(tmp_path_factory, tokenizer_dir):
+    """Checkpoints in float32, several shards each, with SmolLM2's tokenizer beside them (first-order scores read
+    calibration text): a Llama with an untied head and a Qwen2 (q/k/v biases) with tied embeddings."""
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
     out = {}
-    for kind, config in (("llama", tiny_llama_config(**SHAPE, tie_word_embeddings=False)),
-                         ("qwen2", Qwen2Config(**SHAPE, tie_word_embeddings=True))):
+    for kind, config in (("llama", tiny_llama_config(**SHAPE, vocab_size=vocab, tie_word_embeddings=False)),
+                         ("qwen2", Qwen2Config(**SHAPE, vocab_size=vocab, tie_word_embeddings=True))):
         torch.manual_seed(0)
         out[kind] = tmp_path_factory.mktemp(f"original-{kind}")
-        AutoModelForCausalLM.from_config(config).save_pretrained(out[kind], max_shard_size="60KB")
+        AutoModelForCausalLM.from_config(config).save_pretrained(out[kind], max_shard_size="2MB")
+        for f in Path(tokenizer_dir).iterdir():
+            shutil.copy(f, out[kind])
     return out
 
 
 def load(original, tmp_path, dtype="float32", **flags):
     args = PluginTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], seed=3,
                                    **{"loram": "lora", "loram_importance": "magnitude", "loram_keep_first_layers": 1,
-                                      "loram_keep_last_layers": 1, **flags})
+                                      "loram_keep_last_layers": 1, "loram_calibration_samples": 6,
+                                      "loram_calibration_seq_length": 32, **flags})
     model = plugin.load_model(args, ModelArguments(model_name_or_path=str(original), dtype=dtype))
     record = json.loads((tmp_path / "loram.json").read_text())
     return model, PruningPlan.load(tmp_path / INDEX_FILE), record
@@ -55,6 +61,8 @@ def assert_same(a, b):
 
 @pytest.mark.parametrize("kind, dtype, flags", [
     ("llama", "float32", {}),
+    ("llama", "float32", {"loram_importance": "first_order"}),
+    ("qwen2", "float32", {"loram_importance": "first_order", "loram_keep_first_layers": 0}),
     ("llama", "bfloat16", {"loram_ratio": 0.75}),
     ("qwen2", "float32", {"loram_attn_ratio": 0.25}),
     ("llama", "float32", {"loram_importance": "random"}),
@@ -90,15 +98,11 @@ def test_an_index_file_prunes_while_reading_even_with_first_order_importance(ori
     assert all(torch.equal(again_plan.neurons[i], plan.neurons[i]) for i in plan.neurons)
 
 
-def test_scores_that_need_a_forward_pass_load_the_whole_original(originals, tmp_path, monkeypatch):
-    calls = []
-    real = storage.load_pruned_original
-    monkeypatch.setattr(storage, "load_pruned_original", lambda *a, **k: calls.append(1) or real(*a, **k))
-    model, plan, _ = load(originals["llama"], tmp_path / "fo", loram_importance="magnitude")
-    assert calls == [1]
-    args = PluginTrainingArguments(output_dir=str(tmp_path / "x"), use_cpu=True, report_to=[], loram="lora",
-                                   loram_importance="first_order")
-    assert not plugin._scores_need_no_forward(args)
+def test_wanda_loads_the_whole_original(originals, tmp_path, monkeypatch):
+    """Wanda's unstructured masks keep every shape: nothing to save by reading layer by layer."""
+    monkeypatch.setattr(storage, "load_pruned_original", lambda *a, **k: pytest.fail("pruned while reading"))
+    _, plan, _ = load(originals["llama"], tmp_path / "wanda", loram_pruning="2:4", loram_importance="wanda")
+    assert plan.kind == "2:4" and plan.masks
 
 
 def test_a_checkpoint_without_safetensors_is_loaded_whole(originals, tmp_path):

@@ -274,24 +274,32 @@ def calibration_batches(args, tokenizer) -> list:
                    args.loram_calibration_seq_length, tokenizer, seed=args.seed)
 
 
-def make_plan(model, args, tokenizer_fn, layer_of=None):
+def make_plan(model, args, tokenizer_fn, weights=None):
     """Score and select (or read loram_indices). The weights are not changed; with calibration batches the
-    model moves to the GPU (if any) first, where it then stays. ``layer_of``: see structured_plan."""
-    from .pruning import PruningPlan, structured_plan, unstructured_plan
+    model moves to the GPU (if any) first, where it then stays. With ``weights`` (storage.Weights: the model
+    is on the meta device) the scores read the weights through it, first-order ones one layer at a time."""
+    from .pruning import PruningPlan, first_order_scores_by_layer, pruned_layers, structured_plan, unstructured_plan
 
     if args.loram_indices:
         return PruningPlan.load(args.loram_indices)
     batches = None
     if args.loram_importance in ("first_order", "wanda"):
         batches = calibration_batches(args, tokenizer_fn())
-        model.to(_device())
+        if weights is None:
+            model.to(_device())
     attn, mlp = ratios(args)
     common = dict(keep_first=args.loram_keep_first_layers, keep_last=args.loram_keep_last_layers,
                   importance=args.loram_importance, batches=batches, seed=args.seed, reduce=_broadcast(),
-                  layer_of=layer_of)
+                  layer_of=weights.layer if weights is not None else None)
     if args.loram_pruning == "structured":
+        scores_of = None
+        if weights is not None and args.loram_importance == "first_order":
+            layers = pruned_layers(model.config.num_hidden_layers, args.loram_keep_first_layers,
+                                   args.loram_keep_last_layers)
+            scores_of = first_order_scores_by_layer(model, layers, batches, weights.load, weights.unload,
+                                                    weights.device).__getitem__
         plan = structured_plan(model, ratio_attn=attn, ratio_mlp=mlp, neuron_multiple=args.loram_neuron_multiple,
-                               **common)
+                               scores_of=scores_of, **common)
     else:
         plan = unstructured_plan(model, kind=args.loram_pruning, ratio=args.loram_ratio, **common)
     plan.settings = {"pruning": args.loram_pruning, "importance": args.loram_importance, "attn_ratio": attn,
@@ -370,8 +378,8 @@ def load_model(args, model_args):
             state = _attach(model, args, plan, original, pruned_model=args.loram_pruned_model,
                             parameters={"pruned": count_parameters(model)[0]})
         else:
-            streamed = _load_pruned_original(args, model_args, dtype, original) if _scores_need_no_forward(
-                args) and model_args.model_init != "random" else None
+            streamed = _load_pruned_original(args, model_args, dtype, original) if _prunes_while_reading(
+                args) else None
             if streamed is not None:
                 model, state = streamed
             else:
@@ -388,24 +396,26 @@ def load_model(args, model_args):
     return model
 
 
-def _scores_need_no_forward(args) -> bool:
-    """The plan comes from the weights alone (magnitude, random) or from a file: the original can be pruned
-    while it is read, without ever being whole in memory."""
-    return bool(args.loram_indices or _resume_plan_file(args) or args.loram_importance in ("magnitude", "random"))
+def _prunes_while_reading(args) -> bool:
+    """The plan comes from a file, from the weights alone (magnitude, random) or from first-order scores, which
+    are computed one layer at a time: the original can be pruned while it is read, never whole in memory.
+    (Wanda's unstructured masks keep every shape: nothing to save.)"""
+    return bool(args.loram_indices or _resume_plan_file(args)
+                or args.loram_importance in ("magnitude", "random", "first_order"))
 
 
 def _load_pruned_original(args, model_args, dtype, original: str):
     """(pruned model, state) read from the original's checkpoint tensor by tensor (storage.load_pruned_original),
     or None where that cannot be done (the caller loads the whole original)."""
-    from trainer_plugins.models import count_parameters, load_model_config
+    from trainer_plugins.models import count_parameters, load_model_config, load_tokenizer
 
     from .storage import load_pruned_original
 
-    def plan_for(meta_model, layer_of):
-        return _resume_plan(args) or make_plan(meta_model, args, None, layer_of=layer_of)
+    def plan_for(meta_model, weights):
+        return _resume_plan(args) or make_plan(meta_model, args, lambda: load_tokenizer(model_args), weights)
 
     loaded = load_pruned_original(original, load_model_config(model_args), plan_for, dtype,
-                                  model_args.attn_implementation)
+                                  model_args.attn_implementation, _device())
     if loaded is None:
         return None
     model, plan, before = loaded

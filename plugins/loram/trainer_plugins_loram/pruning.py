@@ -286,6 +286,100 @@ def _first_order_grads(model, layers: list[int], batches: Iterable[torch.Tensor]
         model.train(was_training)
 
 
+def first_order_scores_by_layer(model, layers: list[int], batches: Iterable[torch.Tensor], load, unload,
+                                device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """The first-order unit scores of ``layers`` (what structured_plan computes with ``first_order``) with one
+    decoder layer's weights at a time: ``load(module)`` puts a module's weights on ``device``, ``unload(module)``
+    takes them off again. The model's own forward runs once per batch with its decoder layers stubbed out, to
+    record the embeddings and each layer's keyword arguments (masks, rotary embeddings); then each layer is
+    loaded once and run on every batch without autograd, its inputs kept on the CPU; the loss's gradient at
+    the last layer's output is carried down one layer at a time, each layer's forward recomputed from its
+    kept input and its weight gradients summed over the batches in order. The same arithmetic as one backward
+    pass through the whole model per batch, so the same scores; the memory is one layer, the embeddings and the
+    head, plus the layer inputs; the checkpoint is read about twice. Returns {layer: (per KV head, per neuron)}."""
+    g = Geometry.from_config(model.config)
+    decoder, base = decoder_layers(model), model.get_decoder()
+    batches, lowest = list(batches), min(layers)
+    outer = [m for m in (base.embed_tokens, base.norm, model.get_output_embeddings(), getattr(base, "rotary_emb", None))
+             if m is not None]
+    calls: dict[int, list] = {i: [] for i in range(len(decoder))}  # per layer, per batch: (args, kwargs)
+    states: list[torch.Tensor] = []  # per batch: the input of the layer being run (on the CPU)
+
+    def record(i):
+        def forward(hidden, *args, **kwargs):
+            if i == 0:
+                states.append(hidden.to("cpu"))
+            calls[i].append((args, kwargs))
+            return hidden
+        return forward
+
+    def load_frozen(module):  # only the scored projections' weights take gradients
+        load(module)
+        module.requires_grad_(False)
+
+    def run(layer, hidden, args, kwargs):
+        out = layer(hidden, *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    was_training, flags = model.training, {p: p.requires_grad for p in model.parameters()}
+    own_forwards = [layer.__dict__.get("forward") for layer in decoder]
+    model.eval()  # no dropout: the score must not depend on the RNG
+    model.requires_grad_(False)
+    scores, inputs = {}, {}
+    try:
+        for module in outer:
+            load_frozen(module)
+        for i, layer in enumerate(decoder):
+            layer.forward = record(i)
+        with torch.no_grad():
+            for ids in batches:
+                base(input_ids=ids.to(device), use_cache=False)
+            for i, (layer, own) in enumerate(zip(decoder, own_forwards)):
+                _restore_forward(layer, own)
+                load_frozen(layer)
+                if i >= lowest:
+                    inputs[i] = states
+                states = [run(layer, h.to(device), *call).to("cpu") for h, call in zip(states, calls[i])]
+                unload(layer)
+        grads = []
+        for ids, hidden in zip(batches, states):  # the loss as the causal LM computes it, from the last layer's output
+            hidden = hidden.to(device).requires_grad_(True)
+            logits = model.get_output_embeddings()(base.norm(hidden))
+            model.loss_function(logits=logits, labels=ids.to(device), vocab_size=model.config.vocab_size).backward()
+            grads.append(hidden.grad)
+        for i in range(len(decoder) - 1, lowest - 1, -1):  # nothing below the lowest scored layer is needed
+            layer = decoder[i]
+            load_frozen(layer)
+            weights = [m.weight for _, m in _projections(layer, "")] if i in layers else []
+            for w in weights:
+                w.requires_grad_(True)
+            for b, (hidden, call) in enumerate(zip(inputs.pop(i), calls[i])):
+                hidden = hidden.to(device).requires_grad_(i > lowest)
+                torch.autograd.backward(run(layer, hidden, *call), grads[b])
+                grads[b] = hidden.grad
+            if i in layers:
+                scores[i] = tuple(t.cpu() for t in _structured_scores(layer, g, "first_order"))
+            for w in weights:
+                w.grad = None
+            unload(layer)
+    finally:
+        for layer, own in zip(decoder, own_forwards):
+            _restore_forward(layer, own)
+        for module in outer:
+            unload(module)
+        model.train(was_training)
+        for param, flag in flags.items():
+            param.requires_grad_(flag)
+    return scores
+
+
+def _restore_forward(layer, own) -> None:
+    if own is not None:
+        layer.forward = own
+    else:
+        layer.__dict__.pop("forward", None)
+
+
 def _activation_norms(model, layers: list[int], batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
     """‖x_j‖₂ over every calibration token, for each input column j of each pruned projection (Wanda)."""
     sums, hooks = {}, []
@@ -344,16 +438,17 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def structured_plan(model, *, ratio_attn: float, ratio_mlp: float, keep_first: int = 0, keep_last: int = 0,
                     importance: str = "magnitude", batches: Optional[list[torch.Tensor]] = None, seed: int = 0,
-                    reduce=None, neuron_multiple: int = 1, layer_of=None) -> PruningPlan:
+                    reduce=None, neuron_multiple: int = 1, layer_of=None, scores_of=None) -> PruningPlan:
     """Decide which KV-head groups and MLP neurons each pruned layer keeps. ``reduce(tensor)`` makes every
     process use the same scores (e.g. a broadcast from rank 0); None in one process. ``neuron_multiple``:
     the kept MLP neurons are rounded to a multiple of it (see kept_count). ``layer_of(i)``: where layer i's
     projections are read for magnitude scores (default: the model's own layer; storage.load_pruned_original
-    reads them from the checkpoint)."""
+    reads them from the checkpoint). ``scores_of(i)``: layer i's (head, neuron) scores computed elsewhere
+    (first_order_scores_by_layer)."""
     g = Geometry.from_config(model.config)
     layers = pruned_layers(g.num_layers, keep_first, keep_last)
     layer_of = layer_of or (lambda i: decoder_layers(model)[i])
-    if importance == "first_order":
+    if importance == "first_order" and scores_of is None:
         _first_order_grads(model, layers, batches or [])
     generator = torch.Generator().manual_seed(seed)
     plan = PruningPlan("structured", g)
@@ -361,13 +456,15 @@ def structured_plan(model, *, ratio_attn: float, ratio_mlp: float, keep_first: i
         if importance == "random":
             heads, neurons = torch.rand(g.num_kv_heads, generator=generator), torch.rand(g.intermediate_size,
                                                                                         generator=generator)
+        elif scores_of is not None:
+            heads, neurons = scores_of(i)
         else:
             heads, neurons = _structured_scores(layer_of(i), g, importance)
         if reduce is not None:
             heads, neurons = reduce(heads), reduce(neurons)
         plan.kv_heads[i] = _top(heads, kept_count(g.num_kv_heads, ratio_attn))
         plan.neurons[i] = _top(neurons, kept_count(g.intermediate_size, ratio_mlp, neuron_multiple))
-    if importance == "first_order":
+    if importance == "first_order" and scores_of is None:
         for p in model.parameters():
             p.grad = None
     return plan

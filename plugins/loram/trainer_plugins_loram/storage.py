@@ -94,12 +94,58 @@ def load_pruned_model(path, dtype: torch.dtype, attn_implementation=None):
     return model, plan
 
 
-def load_pruned_original(source: str, config, plan_for, dtype: torch.dtype, attn_implementation=None):
+class Weights:
+    """How the planner reaches the original's weights while the model is on the meta device: ``layer(i)``, the
+    projections of decoder layer i read from the checkpoint (magnitude scores); ``load(module)`` /
+    ``unload(module)``, a module's parameters (and buffers) put on ``device`` and taken off again (first-order
+    scores, pruning.first_order_scores_by_layer)."""
+
+    def __init__(self, model, checkpoint: Checkpoint, dtype: torch.dtype, device):
+        self.model, self.checkpoint, self.dtype, self.device = model, checkpoint, dtype, device
+        self._names = {m: n for n, m in model.named_modules()}
+        embeddings = model.get_input_embeddings()
+        self._tied_head = model.config.tie_word_embeddings and f"{self._names[embeddings]}.weight"
+        self._held: dict = {}  # module -> [(owner, kind, name, original tensor)] while loaded
+
+    def layer(self, i: int):
+        layer = SimpleNamespace(self_attn=SimpleNamespace(), mlp=SimpleNamespace())
+        for sub, names in (("self_attn", ATTENTION), ("mlp", MLP)):
+            for proj in names:
+                key = f"model.layers.{i}.{sub}.{proj}"
+                bias = self.checkpoint.get(key + ".bias", self.dtype) if key + ".bias" in self.checkpoint.where else None
+                setattr(getattr(layer, sub), proj, SimpleNamespace(weight=self.checkpoint.get(key + ".weight", self.dtype),
+                                                                  bias=bias))
+        return layer
+
+    def load(self, module) -> None:
+        prefix, held = self._names[module], []
+        for name, param in module.named_parameters(remove_duplicate=False):
+            key = f"{prefix}.{name}" if prefix else name
+            if key not in self.checkpoint.where and self._tied_head:
+                key = self._tied_head  # the head is the embeddings' tensor
+            owner, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner)
+            held.append((owner, "_parameters", leaf, param))
+            owner._parameters[leaf] = torch.nn.Parameter(self.checkpoint.get(key, self.dtype).to(self.device),
+                                                         requires_grad=False)
+        for name, buffer in module.named_buffers():
+            owner, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner)
+            held.append((owner, "_buffers", leaf, buffer))
+            owner._buffers[leaf] = buffer.to(self.device)
+        self._held[module] = held
+
+    def unload(self, module) -> None:
+        for owner, kind, leaf, original in self._held.pop(module, []):
+            getattr(owner, kind)[leaf] = original
+
+
+def load_pruned_original(source: str, config, plan_for, dtype: torch.dtype, attn_implementation=None, device="cpu"):
     """(model, plan, parameters before pruning) with the original's weights read from its safetensors
     checkpoint tensor by tensor and pruned as they arrive: memory of the pruned model and one layer, not of
-    the original. ``plan_for(meta_model, layer_of)`` makes the plan, scoring layer ``i`` on ``layer_of(i)``
-    (that layer's projections, read when asked for). None where the checkpoint cannot be read this way
-    (no safetensors, names other than the model's, a quantised checkpoint); the caller then loads the whole
+    the original. ``plan_for(meta_model, weights)`` makes the plan, reading the weights it scores through
+    ``weights`` (a ``Weights`` on ``device``). None where the checkpoint cannot be read this way (no
+    safetensors, names other than the model's, a quantised checkpoint); the caller then loads the whole
     original."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, GenerationConfig
@@ -118,17 +164,7 @@ def load_pruned_original(source: str, config, plan_for, dtype: torch.dtype, attn
         return None
     before = sum(p.numel() for p in model.parameters())
 
-    def layer_of(i: int):
-        layer = SimpleNamespace(self_attn=SimpleNamespace(), mlp=SimpleNamespace())
-        for sub, names in (("self_attn", ATTENTION), ("mlp", MLP)):
-            for proj in names:
-                key = f"model.layers.{i}.{sub}.{proj}"
-                bias = checkpoint.get(key + ".bias", dtype) if key + ".bias" in checkpoint.where else None
-                setattr(getattr(layer, sub), proj, SimpleNamespace(weight=checkpoint.get(key + ".weight", dtype),
-                                                                  bias=bias))
-        return layer
-
-    plan = plan_for(model, layer_of)
+    plan = plan_for(model, Weights(model, checkpoint, dtype, device))
     if plan.structured:
         plan.apply(model)  # shrinks the empty projections
     state = {}
