@@ -8,6 +8,8 @@ LoRA r8 on its seven projections in peft's format. Then, each in a fresh process
 memory (VmHWM) above what the process held before, and the wall time, of
   prune-*   the loram plugin's load_model (structured 65%, magnitude importance, bf16; layers 0-3 and the last
             two dense): pruned while read (storage.load_pruned_original), or the whole original loaded first
+  prune-first-order-*   the same with first-order importance (float32; --methods picks them, and then the
+            original gets SmolLM2's tokenizer and vocabulary for its calibration text)
   merge-*   merging the adapter: tensor by tensor (merging.merge_streaming) or peft's merge_and_unload.
 The pruned models and the merged checkpoints are compared through a digest of every tensor (equal bit for
 bit, or the run fails). Values do not matter to memory or time; the shape does.
@@ -30,10 +32,14 @@ import torch
 METHODS = {
     "prune-streaming": "loram load_model: the original pruned while read (storage.load_pruned_original)",
     "prune-whole": "loram load_model: from_pretrained of the whole original, then pruned",
+    "prune-first-order-streaming": "the same, first-order importance (8 x 128 calibration tokens), float32: "
+                                   "scores one decoder layer at a time (pruning.first_order_scores_by_layer)",
+    "prune-first-order-whole": "the same, the whole original loaded and back-propagated through",
     "merge-streaming": "merging.merge_streaming (2 GiB output shards, the default)",
     "merge-streaming-512mb": "merging.merge_streaming with 512 MiB output shards",
     "merge-peft": "AutoModelForCausalLM.from_pretrained + PeftModel.from_pretrained + merge_and_unload + save_pretrained",
 }
+DEFAULT_METHODS = "prune-streaming,prune-whole,merge-streaming,merge-streaming-512mb,merge-peft"
 
 
 def rss_gib(field: str = "VmRSS") -> float:
@@ -45,16 +51,23 @@ def rss_gib(field: str = "VmRSS") -> float:
     raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
 
 
-def write_original(directory: Path, shape: str) -> dict:
+def write_original(directory: Path, shape: str, with_tokenizer: bool = False) -> dict:
+    """The random-weight original; ``with_tokenizer``: SmolLM2's tokenizer beside it (first-order scores read
+    calibration text) and the vocabulary sized to it."""
     from safetensors.torch import save_file
-    from transformers import LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     from trainer_plugins.bench import SHAPES
-    from trainer_plugins.models import tiny_llama_config
+    from trainer_plugins.models import smollm2_gguf_path, tiny_llama_config
     from trainer_plugins_loram.merging import _plan_shards
 
-    config = tiny_llama_config(**{k: v for k, v in SHAPES[shape].items() if k not in ("batch", "seq")},
-                               max_position_embeddings=2048)
+    dims = {k: v for k, v in SHAPES[shape].items() if k not in ("batch", "seq")}
+    if with_tokenizer:
+        gguf = smollm2_gguf_path()
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tokenizer.save_pretrained(str(directory))
+        dims["vocab_size"] = len(tokenizer)
+    config = tiny_llama_config(**dims, max_position_embeddings=2048)
     config.dtype = torch.bfloat16
     with torch.device("meta"):
         meta = LlamaForCausalLM(config)
@@ -72,7 +85,7 @@ def write_original(directory: Path, shape: str) -> dict:
         {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}))
     config.save_pretrained(str(directory))
     return {"parameters": sum(torch.Size(s).numel() for s in shapes.values()), "bytes": sum(sizes.values()),
-            "files": len(shards)}
+            "files": len(shards), "vocab_size": config.vocab_size}
 
 
 def write_adapter(directory: Path, original: Path, rank: int = 8) -> None:
@@ -135,11 +148,16 @@ def child(method: str, original: str, adapter: str, target: str) -> None:
     start = time.perf_counter()
     result = {}
     if method.startswith("prune"):
-        if method == "prune-whole":
+        if method.endswith("-whole"):
             storage.load_pruned_original = lambda *a, **k: None
-        args = PluginTrainingArguments(output_dir=target, use_cpu=True, report_to=[], loram="lora",
-                                       loram_importance="magnitude", loram_ratio=0.65)
-        model = plugin.load_model(args, ModelArguments(model_name_or_path=original, dtype="bfloat16"))
+        first_order = method.startswith("prune-first-order")
+        scores = dict(loram_importance="first_order", loram_calibration_samples=8, loram_calibration_seq_length=128) \
+            if first_order else dict(loram_importance="magnitude")
+        args = PluginTrainingArguments(output_dir=target, use_cpu=True, report_to=[], loram="lora", loram_ratio=0.65,
+                                       **scores)
+        # first-order scores compute in float32 (this CPU has no bf16 instructions: bf16 runs ~20x slower)
+        model = plugin.load_model(args, ModelArguments(model_name_or_path=original,
+                                                       dtype="float32" if first_order else "bfloat16"))
         seconds = time.perf_counter() - start
         # safetensors hands out memory-mapped tensors, resident once read: the digest reads every one, so the
         # peak counts the whole pruned model (and one tensor's bytes copy)
@@ -163,7 +181,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="1b")
     parser.add_argument("--out", default="benchmarks/results/loram_host_memory_cpu.json")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"from {', '.join(METHODS)}")
     parser.add_argument("--work", help="keep the written original and adapter here (reused by a later run)")
     parser.add_argument("--child", nargs=4, metavar=("METHOD", "ORIGINAL", "ADAPTER", "TARGET"))
     opts = parser.parse_args()
@@ -176,7 +194,7 @@ def main():
             model = json.loads((work / "original.json").read_text())
         else:
             original.mkdir(parents=True, exist_ok=True)
-            model = write_original(original, opts.shape)
+            model = write_original(original, opts.shape, with_tokenizer="first-order" in opts.methods)
             write_adapter(adapter, original)
             (work / "original.json").write_text(json.dumps(model))
         results = {}
@@ -193,9 +211,11 @@ def main():
             shutil.rmtree(target, ignore_errors=True)  # a 7B output is 13 GB of disk
             results[method] = {**row, "what": METHODS[method]}
             print(method, results[method], flush=True)
-        identical = {}
-        for kind, baseline in (("prune", "prune-whole"), ("merge", "merge-peft")):
-            rows = {m: row for m, row in results.items() if m.startswith(kind)}
+        identical, done = {}, set()
+        for kind, baseline in (("prune-first-order", "prune-first-order-whole"), ("prune", "prune-whole"),
+                               ("merge", "merge-peft")):
+            rows = {m: row for m, row in results.items() if m.startswith(kind) and m not in done}
+            done.update(rows)
             if rows:
                 identical[kind] = len({row["digest"] for row in rows.values()}) == 1
             for row in rows.values():

@@ -1,6 +1,6 @@
-"""storage.py: the original pruned while it is read from its checkpoint (magnitude or random scores, an index
-file) equals the whole original loaded and then pruned, bit for bit, without from_pretrained; where the
-scores need a forward pass, or the checkpoint is not safetensors, the whole original is loaded."""
+"""storage.py: the original pruned while it is read from its checkpoint (magnitude, random or first-order scores,
+an index file) equals the whole original loaded and then pruned, bit for bit, without from_pretrained; Wanda,
+and checkpoints that are not safetensors, load the whole original."""
 
 import json
 import shutil

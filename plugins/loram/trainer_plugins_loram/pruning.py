@@ -266,6 +266,8 @@ def _unpack_bits(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
 # -- importance ---------------------------------------------------------------------------------------
 def _first_order_grads(model, layers: list[int], batches: Iterable[torch.Tensor]) -> None:
     """Accumulate ∂L/∂w of the pruned layers' projections over the calibration batches (LM loss)."""
+    if not layers:
+        return
     targets = [m.weight for i in layers for _, m in _projections(decoder_layers(model)[i], "")]
     flags = {id(p): p.requires_grad for p in model.parameters()}
     was_training = model.training
@@ -297,6 +299,8 @@ def first_order_scores_by_layer(model, layers: list[int], batches: Iterable[torc
     kept input and its weight gradients summed over the batches in order. The same arithmetic as one backward
     pass through the whole model per batch, so the same scores; the memory is one layer, the embeddings and the
     head, plus the layer inputs; the checkpoint is read about twice. Returns {layer: (per KV head, per neuron)}."""
+    if not layers:
+        return {}
     g = Geometry.from_config(model.config)
     decoder, base = decoder_layers(model), model.get_decoder()
     batches, lowest = list(batches), min(layers)

@@ -5,8 +5,8 @@ which no transformers config can describe. We save it as the original config + t
 file; loading builds the original architecture on the meta device, shrinks it with the index file and
 reads the weights into it, so only the pruned weights are ever in memory (a pruned 70B loads in the
 memory of its pruned size). The original itself is pruned the same way while it is read
-(``load_pruned_original``) where the scores need no forward pass: one layer's weights are scored at a time
-and only the kept rows and columns are kept. 4-bit: the host's quantize_linears_4bit quantises the pruned
+(``load_pruned_original``): the scores read one layer's weights at a time (``Weights``), and then only the
+kept rows and columns of each tensor are kept. 4-bit: the host's quantize_linears_4bit quantises the pruned
 projections one by one on the target device.
 """
 
