@@ -101,7 +101,7 @@ class Weights:
     scores, pruning.first_order_scores_by_layer)."""
 
     def __init__(self, model, checkpoint: Checkpoint, dtype: torch.dtype, device):
-        self.model, self.checkpoint, self.dtype, self.device = model, checkpoint, dtype, device
+        self.checkpoint, self.dtype, self.device = checkpoint, dtype, device
         self._names = {m: n for n, m in model.named_modules()}
         embeddings = model.get_input_embeddings()
         self._tied_head = model.config.tie_word_embeddings and f"{self._names[embeddings]}.weight"
