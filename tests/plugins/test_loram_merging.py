@@ -2,6 +2,9 @@
 for bit, without loading the model; what it cannot reproduce falls back to peft with the reason."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,3 +129,19 @@ def test_adapter_names_the_checkpoint_lacks_fall_back(original, tmp_path):
     save_file(renamed, str(weights))
     why = merge_streaming(original, adapter_dir, tmp_path / "merged", torch.float32)
     assert why.startswith("the checkpoint has no tensor model.decoder.layers.0.")
+
+
+def test_the_cli_merges_a_saved_adapter(original, tmp_path):
+    adapter_dir = adapter(original, tmp_path / "adapter")  # its config names the original
+    run = subprocess.run([sys.executable, "-m", "trainer_plugins", "loram-merge", adapter_dir, "--dtype", "bfloat16"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert_same_weights(Path(adapter_dir) / "merged", peft_merged(original, adapter_dir, torch.bfloat16))
+    assert "merged" in run.stdout and "bfloat16" in run.stdout
+    run = subprocess.run([sys.executable, "-m", "trainer_plugins", "loram-merge", adapter_dir, "--original", original,
+                          "--out", str(tmp_path / "as-stored")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr  # the original's dtype (float32) by default
+    assert_same_weights(tmp_path / "as-stored", peft_merged(original, adapter_dir, torch.float32))
+    run = subprocess.run([sys.executable, "-m", "trainer_plugins", "loram-merge", str(tmp_path), "--out",
+                          str(tmp_path / "x")], capture_output=True, text=True)
+    assert run.returncode == 2 and "holds no saved adapter" in run.stderr and not (tmp_path / "x").exists()

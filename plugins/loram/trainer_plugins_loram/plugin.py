@@ -470,7 +470,7 @@ def prepare_model(model, args):
         state.dtype = next(model.parameters()).dtype
     if args.loram_merge and not state.original:
         raise ConfigError("loram_merge: the original model's location is unknown (a model built in Python without "
-                          "from_pretrained); merge later with PeftModel.from_pretrained(original, output_dir)")
+                          "from_pretrained); merge later with: trainer-plugins loram-merge OUTPUT_DIR --original MODEL")
     if args.loram == "align":
         # The paper aligns with the head frozen; the embeddings were not pruned either.
         for module in (model.get_input_embeddings(), model.get_output_embeddings()):
@@ -548,7 +548,7 @@ def merge(state: LoramState, adapter_dir, target, tokenizer=None) -> None:
 
     why = merge_streaming(state.original, adapter_dir, target, state.dtype)
     if why is not None:
-        logger.info("loram: merging with the whole original in memory: %s", why)
+        logger.warning("loram: merging with the whole original in host memory: %s", why)
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
@@ -559,6 +559,51 @@ def merge(state: LoramState, adapter_dir, target, tokenizer=None) -> None:
     if tokenizer is not None:
         tokenizer.save_pretrained(str(target))
     logger.info("loram: merged model written to %s", target)
+
+
+@hookimpl
+def register_commands(subparsers):
+    parser = subparsers.add_parser(
+        "loram-merge", help="Merge a saved LoRA adapter (a LoRAM run's output, or any plain peft LoRA) into its "
+                            "original model tensor by tensor: host memory of one shard, not of the model")
+    parser.add_argument("adapter", help="directory with adapter_config.json and adapter_model.safetensors")
+    parser.add_argument("--original", help="the original model (default: the adapter's base_model_name_or_path)")
+    parser.add_argument("--out", help=f"where the merged model goes (default: ADAPTER/{MERGED_DIR})")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                        help="dtype of the merged weights (default: the original's)")
+    parser.set_defaults(func=_merge_command)
+
+
+def _merge_command(ns) -> int:
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    adapter = Path(ns.adapter)
+    config_file = adapter / "adapter_config.json"
+    if not config_file.is_file() or not (adapter / "adapter_model.safetensors").is_file():
+        raise ConfigError(f"{adapter} holds no saved adapter (adapter_config.json and adapter_model.safetensors)")
+    original = ns.original or json.loads(config_file.read_text()).get("base_model_name_or_path")
+    if not original:
+        raise ConfigError(f"{config_file} names no base model: pass --original")
+    try:
+        config = AutoConfig.from_pretrained(original)
+    except Exception as exc:  # no such directory, hub unreachable
+        raise ConfigError(f"could not read the original model '{original}': {exc}") from exc
+    dtype = getattr(torch, ns.dtype) if ns.dtype else (getattr(config, "dtype", None) or torch.float32)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    tokenizer = None
+    for source in (adapter, original):  # a Trainer's output directory holds the tokenizer it trained with
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(source))
+            break
+        except Exception:
+            continue
+    target = Path(ns.out) if ns.out else adapter / MERGED_DIR
+    merge(LoramState(plan=None, original=original, dtype=dtype), adapter, target, tokenizer)
+    print(f"merged {adapter} into {original} ({str(dtype).removeprefix('torch.')}): {target}")
+    return 0
 
 
 @hookimpl
