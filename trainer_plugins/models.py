@@ -250,21 +250,24 @@ def quantization_config(model_args: ModelArguments, zero3: bool = False):
     )
 
 
-def quantize_linears_4bit(model, quantization_config, device) -> None:
+def quantize_linears_4bit(model, quantization_config, device, inside=None) -> None:
     """Replace every ``nn.Linear`` inside the decoder layers (``...layers.N...``) with a bitsandbytes
     ``Linear4bit`` on ``device``; embeddings, norms and the head stay in the compute dtype, as transformers'
     4-bit loading leaves them, and nothing is up-cast to float32 (peft's prepare_model_for_kbit_training
     memory trap). On the meta device (``trainer-plugins estimate``) they become ``Meta4bitLinear``, which
-    stores and allocates what ``Linear4bit`` would."""
+    stores and allocates what ``Linear4bit`` would. ``inside`` (a submodule, e.g. one decoder layer): only its
+    linears, and the rest of the model stays where it is (a model quantised layer by layer as it is read);
+    a last call without it finishes the model."""
     import re
 
     qc = quantization_config
     in_layer = re.compile(r"(^|\.)layers\.\d+\.")
-    if any(p.is_meta for p in model.parameters()):
+    within = set(inside.modules()) if inside is not None else None
+    if any(p.is_meta for p in (inside or model).parameters()):
         from .estimate import Meta4bitLinear
 
         for name, linear in [(n, m) for n, m in model.named_modules()
-                             if type(m) is torch.nn.Linear and in_layer.search(n)]:
+                             if type(m) is torch.nn.Linear and in_layer.search(n) and (within is None or m in within)]:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child,
                     Meta4bitLinear(linear, qc.bnb_4bit_compute_dtype, qc.bnb_4bit_use_double_quant))
@@ -273,7 +276,8 @@ def quantize_linears_4bit(model, quantization_config, device) -> None:
     import bitsandbytes as bnb
 
     targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and in_layer.search(name) and not isinstance(m, bnb.nn.Linear4bit)]
+               if isinstance(m, torch.nn.Linear) and in_layer.search(name) and not isinstance(m, bnb.nn.Linear4bit)
+               and (within is None or m in within)]
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
@@ -285,6 +289,8 @@ def quantize_linears_4bit(model, quantization_config, device) -> None:
         if linear.bias is not None:
             q.bias = torch.nn.Parameter(linear.bias.data.to(device, qc.bnb_4bit_compute_dtype), requires_grad=False)
         setattr(model.get_submodule(parent_name), child, q)
+    if inside is not None:
+        return
     model.to(device)
     keep_4bit_layout(model)
     model.is_loaded_in_4bit = True

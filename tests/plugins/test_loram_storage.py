@@ -35,12 +35,13 @@ def originals(tmp_path_factory, tokenizer_dir):
     return out
 
 
-def load(original, tmp_path, dtype="float32", **flags):
+def load(original, tmp_path, dtype="float32", four_bit=False, **flags):
     args = PluginTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], seed=3,
                                    **{"loram": "lora", "loram_importance": "magnitude", "loram_keep_first_layers": 1,
                                       "loram_keep_last_layers": 1, "loram_calibration_samples": 6,
                                       "loram_calibration_seq_length": 32, **flags})
-    model = plugin.load_model(args, ModelArguments(model_name_or_path=str(original), dtype=dtype))
+    quantised = dict(load_in_4bit=True, bnb_4bit_compute_dtype="float32") if four_bit else {}
+    model = plugin.load_model(args, ModelArguments(model_name_or_path=str(original), dtype=dtype, **quantised))
     record = json.loads((tmp_path / "loram.json").read_text())
     return model, PruningPlan.load(tmp_path / INDEX_FILE), record
 
@@ -87,6 +88,27 @@ def test_pruned_while_read_equals_pruned_after_loading(originals, tmp_path, monk
     assert record == whole_record and record["parameters"]["pruned"] < record["parameters"]["original"] or \
         plan.kind != "structured"
     assert streamed.name_or_path == whole.name_or_path == str(originals[kind])
+
+
+def test_qloram_quantises_each_layer_as_it_is_read(originals, tmp_path, monkeypatch):
+    """With load_in_4bit each decoder layer becomes NF4 on the device as soon as its weights are in (the host
+    holds one layer, not the pruned model); the result equals pruning and quantising the whole original."""
+    pytest.importorskip("bitsandbytes")
+    import trainer_plugins.models as models
+
+    with monkeypatch.context() as m:
+        m.setattr(storage, "load_pruned_original", lambda *a, **k: None)
+        whole, _, whole_record = load(originals["llama"], tmp_path / "whole", four_bit=True)
+    calls = []
+    real = models.quantize_linears_4bit
+    monkeypatch.setattr(models, "quantize_linears_4bit",
+                        lambda model, config, device, inside=None: calls.append(inside) or real(model, config, device,
+                                                                                               inside=inside))
+    streamed, _, record = load(originals["llama"], tmp_path / "streamed", four_bit=True)
+    assert calls == [*streamed.model.layers, None]  # each layer as it is read, then the rest of the model
+    assert type(streamed.model.layers[2].mlp.up_proj).__name__ == "Linear4bit" and streamed.is_loaded_in_4bit
+    assert_same(streamed, whole)
+    assert record == whole_record and streamed._loram.record["4bit"] == whole._loram.record["4bit"] == "nf4"
 
 
 def test_an_index_file_prunes_while_reading_even_with_first_order_importance(originals, tmp_path, monkeypatch):

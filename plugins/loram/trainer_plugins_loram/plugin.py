@@ -368,6 +368,12 @@ def load_model(args, model_args):
 
     dtype = resolve_dtype(model_args.dtype)
     original = model_source(model_args)
+    four_bit = None
+    if model_args.load_in_4bit:
+        from trainer_plugins.trainer import deepspeed_stage
+
+        # under ZeRO-3 DeepSpeed partitions the pruned 4-bit model when the Trainer starts
+        four_bit = quantization_config(model_args, zero3=deepspeed_stage(args) == 3)
     with whole_weights():
         if args.loram_pruned_model:
             from trainer_plugins.models import count_parameters
@@ -378,7 +384,7 @@ def load_model(args, model_args):
             state = _attach(model, args, plan, original, pruned_model=args.loram_pruned_model,
                             parameters={"pruned": count_parameters(model)[0]})
         else:
-            streamed = _load_pruned_original(args, model_args, dtype, original) if _prunes_while_reading(
+            streamed = _load_pruned_original(args, model_args, dtype, original, four_bit) if _prunes_while_reading(
                 args) else None
             if streamed is not None:
                 model, state = streamed
@@ -386,12 +392,10 @@ def load_model(args, model_args):
                 model = host_load(dataclasses.replace(model_args, load_in_4bit=False), zero3=False)
                 state = prune(model, args, lambda: load_tokenizer(model_args), original)
     state.dtype = dtype
-    if model_args.load_in_4bit:
+    if four_bit is not None:
         from trainer_plugins.models import quantize_linears_4bit
-        from trainer_plugins.trainer import deepspeed_stage
 
-        zero3 = deepspeed_stage(args) == 3  # DeepSpeed partitions the pruned 4-bit model when the Trainer starts
-        quantize_linears_4bit(model, quantization_config(model_args, zero3=zero3), _device())
+        quantize_linears_4bit(model, four_bit, _device())  # what is not yet: the whole model, or its rest
         state.record["4bit"] = model_args.bnb_4bit_quant_type
     return model
 
@@ -404,22 +408,25 @@ def _prunes_while_reading(args) -> bool:
                 or args.loram_importance in ("magnitude", "random", "first_order"))
 
 
-def _load_pruned_original(args, model_args, dtype, original: str):
+def _load_pruned_original(args, model_args, dtype, original: str, four_bit=None):
     """(pruned model, state) read from the original's checkpoint tensor by tensor (storage.load_pruned_original),
-    or None where that cannot be done (the caller loads the whole original)."""
-    from trainer_plugins.models import count_parameters, load_model_config, load_tokenizer
+    each decoder layer quantised onto the device as it is read with ``four_bit`` (a BitsAndBytesConfig); or None
+    where that cannot be done (the caller loads the whole original)."""
+    from trainer_plugins.models import load_model_config, load_tokenizer, quantize_linears_4bit
 
     from .storage import load_pruned_original
 
     def plan_for(meta_model, weights):
         return _resume_plan(args) or make_plan(meta_model, args, lambda: load_tokenizer(model_args), weights)
 
+    def place(model, layer):
+        quantize_linears_4bit(model, four_bit, _device(), inside=layer)
+
     loaded = load_pruned_original(original, load_model_config(model_args), plan_for, dtype,
-                                  model_args.attn_implementation, _device())
+                                  model_args.attn_implementation, _device(), place if four_bit else None)
     if loaded is None:
         return None
-    model, plan, before = loaded
-    after = count_parameters(model)[0]
+    model, plan, (before, after) = loaded
     logger.info("loram: pruned %s while reading it (%d -> %d parameters)", original, before, after)
     return model, _attach(model, args, plan, original, parameters={"original": before, "pruned": after,
                                                                    "pruned_fraction": 1 - after / before})

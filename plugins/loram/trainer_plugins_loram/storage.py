@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .pruning import ATTENTION, INDEX_FILE, MLP, PruningPlan
+from .pruning import ATTENTION, INDEX_FILE, MLP, PruningPlan, decoder_layers
 
 SINGLE_FILE, SHARD_INDEX = "model.safetensors", "model.safetensors.index.json"
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -140,13 +140,15 @@ class Weights:
             getattr(owner, kind)[leaf] = original
 
 
-def load_pruned_original(source: str, config, plan_for, dtype: torch.dtype, attn_implementation=None, device="cpu"):
-    """(model, plan, parameters before pruning) with the original's weights read from its safetensors
+def load_pruned_original(source: str, config, plan_for, dtype: torch.dtype, attn_implementation=None, device="cpu",
+                         place=None):
+    """(model, plan, (parameters before, after pruning)) with the original's weights read from its safetensors
     checkpoint tensor by tensor and pruned as they arrive: memory of the pruned model and one layer, not of
     the original. ``plan_for(meta_model, weights)`` makes the plan, reading the weights it scores through
-    ``weights`` (a ``Weights`` on ``device``). None where the checkpoint cannot be read this way (no
-    safetensors, names other than the model's, a quantised checkpoint); the caller then loads the whole
-    original."""
+    ``weights`` (a ``Weights`` on ``device``). ``place(model, layer)`` is called as each decoder layer's
+    weights are in (QLoRAM quantises it onto the GPU there: the host then holds one layer, not the pruned
+    model). None where the checkpoint cannot be read this way (no safetensors, names other than the model's, a
+    quantised checkpoint); the caller then loads the whole original."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -167,9 +169,18 @@ def load_pruned_original(source: str, config, plan_for, dtype: torch.dtype, attn
     plan = plan_for(model, Weights(model, checkpoint, dtype, device))
     if plan.structured:
         plan.apply(model)  # shrinks the empty projections
-    state = {}
-    for name in model.state_dict():
-        if name in tied:
+    after = sum(p.numel() for p in model.parameters())
+    layers = {f"model.layers.{i}.": layer for i, layer in enumerate(decoder_layers(model))}
+    state, current = {}, None
+    for name in list(model.state_dict()) + [None]:  # in the model's order: one decoder layer after another
+        layer = next((prefix for prefix in layers if name and name.startswith(prefix)), None)
+        if current is not None and layer != current:  # decoder layer ``current`` is complete
+            model.load_state_dict(state, strict=False, assign=True)
+            state = {}
+            if place is not None:
+                place(model, layers[current])
+        current = layer
+        if name is None or name in tied:
             continue
         tensor = checkpoint.get(name, dtype)
         module, _, kind = name.rpartition(".")
@@ -188,7 +199,7 @@ def load_pruned_original(source: str, config, plan_for, dtype: torch.dtype, attn
         model.generation_config = GenerationConfig.from_pretrained(source)
     except OSError:  # the original has none
         pass
-    return model.eval(), plan, before
+    return model.eval(), plan, (before, after)
 
 
 def save_plan(plan: PruningPlan, output_dir, record: dict) -> None:
