@@ -10,6 +10,7 @@ memory (VmHWM) above what the process held before, and the wall time, of
             two dense): pruned while read (storage.load_pruned_original), or the whole original loaded first
   prune-first-order-*   the same with first-order importance (float32; --methods picks them, and then the
             original gets SmolLM2's tokenizer and vocabulary for its calibration text)
+  prune-4bit-*   the same with load_in_4bit (QLoRAM, NF4, bitsandbytes on the CPU)
   merge-*   merging the adapter: tensor by tensor (merging.merge_streaming) or peft's merge_and_unload.
 The pruned models and the merged checkpoints are compared through a digest of every tensor (equal bit for
 bit, or the run fails). Values do not matter to memory or time; the shape does.
@@ -35,6 +36,9 @@ METHODS = {
     "prune-first-order-streaming": "the same, first-order importance (8 x 128 calibration tokens), float32: "
                                    "scores one decoder layer at a time (pruning.first_order_scores_by_layer)",
     "prune-first-order-whole": "the same, the whole original loaded and back-propagated through",
+    "prune-4bit-streaming": "QLoRAM: pruned while read (magnitude), each decoder layer quantised to NF4 on the "
+                            "device as it is read (here the device is the CPU, so the 4-bit model counts too)",
+    "prune-4bit-whole": "QLoRAM: the whole original loaded, pruned, then quantised to NF4",
     "merge-streaming": "merging.merge_streaming (2 GiB output shards, the default)",
     "merge-streaming-512mb": "merging.merge_streaming with 512 MiB output shards",
     "merge-peft": "AutoModelForCausalLM.from_pretrained + PeftModel.from_pretrained + merge_and_unload + save_pretrained",
@@ -156,8 +160,9 @@ def child(method: str, original: str, adapter: str, target: str) -> None:
         args = PluginTrainingArguments(output_dir=target, use_cpu=True, report_to=[], loram="lora", loram_ratio=0.65,
                                        **scores)
         # first-order scores compute in float32 (this CPU has no bf16 instructions: bf16 runs ~20x slower)
+        four_bit = dict(load_in_4bit=True, bnb_4bit_compute_dtype="bfloat16") if "4bit" in method else {}
         model = plugin.load_model(args, ModelArguments(model_name_or_path=original,
-                                                       dtype="float32" if first_order else "bfloat16"))
+                                                       dtype="float32" if first_order else "bfloat16", **four_bit))
         seconds = time.perf_counter() - start
         # safetensors hands out memory-mapped tensors, resident once read: the digest reads every one, so the
         # peak counts the whole pruned model (and one tensor's bytes copy)
@@ -212,8 +217,8 @@ def main():
             results[method] = {**row, "what": METHODS[method]}
             print(method, results[method], flush=True)
         identical, done = {}, set()
-        for kind, baseline in (("prune-first-order", "prune-first-order-whole"), ("prune", "prune-whole"),
-                               ("merge", "merge-peft")):
+        for kind, baseline in (("prune-first-order", "prune-first-order-whole"), ("prune-4bit", "prune-4bit-whole"),
+                               ("prune", "prune-whole"), ("merge", "merge-peft")):
             rows = {m: row for m, row in results.items() if m.startswith(kind) and m not in done}
             done.update(rows)
             if rows:
