@@ -570,13 +570,15 @@ def merge(state: LoramState, adapter_dir, target, tokenizer=None) -> None:
 
 @hookimpl
 def register_commands(subparsers):
+    from trainer_plugins.models import DTYPES
+
     parser = subparsers.add_parser(
         "loram-merge", help="Merge a saved LoRA adapter (a LoRAM run's output, or any plain peft LoRA) into its "
                             "original model tensor by tensor: host memory of one shard, not of the model")
     parser.add_argument("adapter", help="directory with adapter_config.json and adapter_model.safetensors")
     parser.add_argument("--original", help="the original model (default: the adapter's base_model_name_or_path)")
     parser.add_argument("--out", help=f"where the merged model goes (default: ADAPTER/{MERGED_DIR})")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+    parser.add_argument("--dtype", choices=sorted(DTYPES),
                         help="dtype of the merged weights (default: the original's)")
     parser.set_defaults(func=_merge_command)
 
@@ -586,6 +588,8 @@ def _merge_command(ns) -> int:
 
     import torch
     from transformers import AutoConfig, AutoTokenizer
+
+    from trainer_plugins.models import DTYPES
 
     adapter = Path(ns.adapter)
     config_file = adapter / "adapter_config.json"
@@ -598,8 +602,8 @@ def _merge_command(ns) -> int:
         config = AutoConfig.from_pretrained(original)
     except Exception as exc:  # no such directory, hub unreachable
         raise ConfigError(f"could not read the original model '{original}': {exc}") from exc
-    dtype = getattr(torch, ns.dtype) if ns.dtype else (getattr(config, "dtype", None) or torch.float32)
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = DTYPES[ns.dtype] if ns.dtype else getattr(config, "dtype", None) or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype  # a config may hold the name
     tokenizer = None
     for source in (adapter, original):  # a Trainer's output directory holds the tokenizer it trained with
         try:
