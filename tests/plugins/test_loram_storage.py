@@ -137,3 +137,25 @@ def test_a_checkpoint_without_safetensors_is_loaded_whole(originals, tmp_path):
     assert record["parameters"]["pruned"] < record["parameters"]["original"]
     streamed, _, _ = load(originals["llama"], tmp_path / "streamed")
     assert_same(loaded, streamed)
+
+
+def test_a_hub_name_is_read_from_the_hub_cache(originals, tmp_path, monkeypatch):
+    """A hub name (offline, from the local hub cache, where from_pretrained finds it) is pruned while read too,
+    with the same result as the local directory it was copied from."""
+    import huggingface_hub.constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-llama"
+    shutil.copytree(originals["llama"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    checkpoint = storage.Checkpoint.of("tiny-org/tiny-llama")
+    assert len(checkpoint.files) > 1 and all(commit in str(f) for f in checkpoint.files)
+    local, _, local_record = load(originals["llama"], tmp_path / "local", loram_importance="first_order")
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", lambda *a, **k: pytest.fail("loaded whole"))
+    hub, _, hub_record = load("tiny-org/tiny-llama", tmp_path / "from-hub", loram_importance="first_order")
+    assert_same(hub, local)
+    assert hub.name_or_path == hub_record.pop("original_model") == "tiny-org/tiny-llama"  # what the merge reads
+    assert hub_record == {k: v for k, v in local_record.items() if k != "original_model"}
