@@ -27,6 +27,15 @@ def losses(trainer) -> list[float]:
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
+def plugin_sft_trainer():
+    """TRL's SFTTrainer behind the plugins' mixin, as a user declares it (trl imported by the tests that use it)."""
+    from trl import SFTTrainer
+
+    from trainer_plugins import PluginsMixin
+
+    return type("PluginSFTTrainer", (PluginsMixin, SFTTrainer), {})
+
+
 def counting_dataset():
     """Runs of consecutive token ids (vocab 1000): learnable in a few dozen steps, unlike random tokens."""
     return [{"input_ids": [(s * 7 + k) % 1000 for k in range(32)], "labels": [(s * 7 + k) % 1000 for k in range(32)]}

@@ -8,10 +8,10 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import SFTConfig, SFTTrainer
+from trl import SFTConfig
 
-from helpers import counting_dataset, losses, tiny_llama
-from trainer_plugins import PluginConfigError, PluginsMixin, PluginTrainer, PluginTrainingArguments
+from helpers import counting_dataset, losses, plugin_sft_trainer, tiny_llama
+from trainer_plugins import PluginConfigError, PluginTrainer, PluginTrainingArguments
 from trainer_plugins.arguments import arguments_class
 
 SWITCH = {"lst": dict(lst=True),
@@ -70,15 +70,11 @@ def test_apollo_trains_the_adapter_of_a_peft_model(tmp_path):
     assert moved and moved == {n for n, p in model.named_parameters() if "lora_" in n}
 
 
-class PluginSFTTrainer(PluginsMixin, SFTTrainer):
-    pass
-
-
 def test_trls_peft_config_is_refused_by_a_plugin_that_brings_its_own_adapters(tmp_path, tiny_model_dir):
     args = arguments_class(base=SFTConfig)(output_dir=str(tmp_path), **COMMON, max_length=64, **SWITCH["loram"])
     with pytest.raises(PluginConfigError, match=r"plugin 'loram': cannot train the trainer's peft_config: LoRAM "
                                                 r".+; drop peft_config$"):
-        PluginSFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
+        plugin_sft_trainer()(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
                          train_dataset=Dataset.from_dict({"text": ["def f(x):\n    return x\n"] * 8}),
                          processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
                          peft_config=LoraConfig(r=4, target_modules=["q_proj"]))

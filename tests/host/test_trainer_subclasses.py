@@ -10,14 +10,13 @@ import pytest
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+from trl import DPOConfig, DPOTrainer, SFTConfig
 
+from helpers import plugin_sft_trainer
 from trainer_plugins import ConfigError, PluginsMixin, PluginTrainingArguments, arguments
 from trainer_plugins.arguments import arguments_class
 
-
-class PluginSFTTrainer(PluginsMixin, SFTTrainer):
-    pass
+PluginSFTTrainer = plugin_sft_trainer()
 
 
 def sft_run(tiny_model_dir, args):
