@@ -32,7 +32,8 @@ def groups(small: str, large: str, largest: str = "13b") -> list[tuple[str, str,
         # one-after-the-other groups, -1% before) and the prune event (1.6 steps; issue 4); APOLLO-Mini's 7B step in
         # more interleaved rounds (0.91-1.11x over four measurements; issue 3)
         ("lst", large, None, ["adamw", "lst-compile", "lst-compile-cuda-graphs", "lst-autocast-compile-cuda-graphs",
-                              "lst-full-heads-autocast-compile-cuda-graphs"]),  # issue 6's bar
+                              "lst-full-heads-autocast-compile-cuda-graphs",
+                              "lst-full-heads-every-2-autocast-compile"]),  # issue 6's bar; the last without CUDA graphs
         ("step-profile", large, None, ["--methods", "lst-compile-cuda-graphs", "lst-autocast-compile-cuda-graphs"]),
         ("timing", small, None, ["--methods", "adamw", "sparse-50", "--rounds", "3", "--steps", "10"]),  # issue 4
         # the prune event without host syncs (histc) against bincount's two per weight and pass, and other digit

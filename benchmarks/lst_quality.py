@@ -8,7 +8,8 @@ and the ablations: random side init (QST), r = 16, merge=none (the paper's outpu
 alone), whole heads (lst_head_size full: SmolLM2's 9 heads of 64 become 1 head of 64 instead of 9 of 8,
 at the recipe's rate and at 2e-2), and the learning rate of both methods (LST: 2e-3, the recipe's, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1; LoRA: 5e-4, the
 recipe's, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2), so each is also compared at its best rate; and both at their best rates
-with two more seeds (other training and held-out files).
+with two more seeds (other training and held-out files); layer dropping (side blocks on every 2nd or 3rd layer,
+lst_layers every:K) at LST's best rate, every 2nd also with the two other seeds.
 Trainable parameter counts come from each run's memory report.
 
     python benchmarks/lst_quality.py [--steps N] [--skip-train] [--out benchmarks/results/lst_quality_cpu.json]
@@ -54,9 +55,17 @@ RUNS = {
 # each at its best rate with other seeds (which draw other training and held-out files, and their order): is
 # the gap at seed 42 a property of the methods or of one draw?
 SEEDS = (1, 2)
+# layer dropping (the paper's T5-large side network sits on every 2nd layer): side blocks and ladders on every
+# 2nd / 3rd backbone layer (lst_layers every:K, the last layer always among them), at the best rate
+for k in (2, 3):
+    RUNS[f"lst_r8_pruned_lr2e-2_every{k}"] = [LST, "--learning_rate", "2e-2", "--lst_layers", f"every:{k}",
+                                             "--output_dir", f"outputs/smollm2-135m-lst-lr2e-2-every{k}"]
 for seed in SEEDS:
     RUNS[f"lst_r8_pruned_lr2e-2_seed{seed}"] = [LST, "--learning_rate", "2e-2", "--seed", str(seed), "--output_dir",
                                                 f"outputs/smollm2-135m-lst-lr2e-2-seed{seed}"]
+    RUNS[f"lst_r8_pruned_lr2e-2_every2_seed{seed}"] = [LST, "--learning_rate", "2e-2", "--lst_layers", "every:2",
+                                                       "--seed", str(seed), "--output_dir",
+                                                       f"outputs/smollm2-135m-lst-lr2e-2-every2-seed{seed}"]
     RUNS[f"lora_r8_lr5e-3_seed{seed}"] = [*LORA_R8, "--learning_rate", "5e-3", "--seed", str(seed), "--output_dir",
                                           f"outputs/smollm2-135m-lora-r8-lr5e-3-seed{seed}"]
 LEARNING_RATES = {"2e-3": "lst_r8_pruned", "5e-3": "lst_r8_pruned_lr5e-3", "1e-2": "lst_r8_pruned_lr1e-2",
@@ -104,6 +113,13 @@ def main():
     ratios = {seed: round(table[lst]["eval_loss"] / table[lora]["eval_loss"], 4) for seed, (lst, lora) in pairs.items()}
     result["summary"]["lst_2e-2_vs_lora_5e-3_per_seed"] = ratios
     result["summary"]["lst_2e-2_vs_lora_5e-3_mean_over_seeds"] = round(sum(ratios.values()) / len(ratios), 4)
+    # layer dropping against side blocks on every layer, same rate and draws
+    dropping = {f"every{k}": round(table[f"lst_r8_pruned_lr2e-2_every{k}"]["eval_loss"]
+                                   / table["lst_r8_pruned_lr2e-2"]["eval_loss"], 4) for k in (2, 3)}
+    dropping.update({f"every2_seed{seed}": round(table[f"lst_r8_pruned_lr2e-2_every2_seed{seed}"]["eval_loss"]
+                                                 / table[f"lst_r8_pruned_lr2e-2_seed{seed}"]["eval_loss"], 4)
+                     for seed in SEEDS})
+    result["summary"]["layer_dropping_vs_all_layers_eval_loss"] = dropping
     print(json.dumps({"table": table, "summary": result["summary"]}, indent=2))
     Path(ns.out).write_text(json.dumps(result, indent=2) + "\n")
 

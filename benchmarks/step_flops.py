@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from trainer_plugins import bench
 from trainer_plugins.estimate import MemoryTracker, language_model_batch
 
-METHODS = ["adamw", "lora-r16", "lora-checkpointing", "lst", "meft", "loram-65", "qloram-65",
+METHODS = ["adamw", "lora-r16", "lora-checkpointing", "lst", "lst-every-2-autocast", "meft", "loram-65", "qloram-65",
            "qloram-65-checkpointing", "apollo-mini"]
 
 

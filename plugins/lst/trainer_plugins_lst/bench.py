@@ -75,6 +75,11 @@ METHODS = {
     "lst-full-heads-autocast-compile-cuda-graphs": BenchMethod(
         prepare=_lst(head_size="full", compile=True, cuda_graphs=True), autocast=True, compiled=True,
         description="LST r8 with whole heads, bf16 autocast, lst_compile + lst_cuda_graphs"),
+    # layer dropping (lst_layers every:2; on SmolLM2 it costs 0.1% eval loss, benchmarks/lst_quality.py): half the
+    # rungs, so half the side network's launches (what is left to gain where CUDA graphs cannot replay them)
+    "lst-full-heads-every-2-autocast-compile": BenchMethod(
+        prepare=_lst(head_size="full", layers="every:2", compile=True), autocast=True, compiled=True,
+        description="LST r8 with whole heads on every 2nd layer, bf16 autocast, lst_compile"),
     "lst-full-heads-autocast-torch-compile-cuda-graphs": BenchMethod(
         prepare=_lst(head_size="full", whole_model_compile=True, cuda_graphs=True), autocast=True, compiled=True,
         description="LST r8 with whole heads, bf16 autocast, torch_compile with torch_compile_mode reduce-overhead"),
