@@ -1,6 +1,8 @@
-"""One GPU session's benchmark groups, in one process, most wanted first, inside a time budget.
+"""One GPU session's benchmark groups, most wanted first, inside a time budget.
 
-Each group is one `trainer-plugins bench` run (methods against the baselines in the same run); every case is
+Each group is one `trainer-plugins bench` run (methods against the baselines in the same run) in a process of
+its own, so that a group that breaks the CUDA context (a failed graph capture, say) or leaves memory behind
+costs no other group its measurements; every case is
 written as soon as it is done and, after every group, the whole results folder is packed into one archive
 under --pack (a session cut short keeps what finished; the device tool returns at most 8 files). A case
 that fails (out of memory, a method broken on this device) is recorded and the next one runs.
@@ -76,8 +78,23 @@ def run_script(name: str, shape: str, args: list[str], out: Path, deadline: floa
     """One of SCRIPTS in its own process, given what is left of the budget (and a minute); True if it worked."""
     script, *lead = SCRIPTS[name]
     command = [sys.executable, str(Path(__file__).with_name(script)), *lead, *args, "--shape", shape, "--out", str(out)]
+    return run_process(name, command, deadline)
+
+
+def run_bench(label: str, shape: str, layers: int | None, methods: list[str], ns, device: str, out: Path,
+              deadline: float) -> bool:
+    """One bench group in its own process; no case starts after the deadline, and one that started before it
+    gets three minutes (a compiled 7B case's warm-up). True if every case worked."""
+    command = [sys.executable, "-m", "trainer_plugins", "bench", "--shape", shape, "--methods", *methods,
+               "--device", device, "--warmup", str(ns.warmup), "--steps", str(ns.steps), "--out", str(out),
+               "--budget", f"{max(0.0, deadline - time.monotonic()):.0f}",
+               *(["--layers", str(layers)] if layers else [])]
+    return run_process(label, command, deadline, grace=180)
+
+
+def run_process(name: str, command: list[str], deadline: float, grace: float = 60) -> bool:
     try:
-        return subprocess.run(command, timeout=max(30.0, deadline - time.monotonic() + 60)).returncode == 0
+        return subprocess.run(command, timeout=max(30.0, deadline - time.monotonic() + grace)).returncode == 0
     except subprocess.TimeoutExpired:
         print(f"{name} timed out", flush=True)
         return False
@@ -103,8 +120,6 @@ def main(argv=None) -> int:
     deadline = time.monotonic() + ns.budget
 
     import torch
-
-    from trainer_plugins import bench
 
     device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
     small, large = os.environ.get("SHAPE_SMALL", "1b"), os.environ.get("SHAPE_LARGE", "7b")
@@ -132,14 +147,7 @@ def main(argv=None) -> int:
             if ns.pack:
                 pack(ns.results, ns.pack)
             continue
-        args = argparse.Namespace(shape=shape, methods=methods, device=device, dtype=None, layers=layers,
-                                  warmup=ns.warmup, steps=ns.steps, out=ns.results / f"{label}.json",
-                                  deadline=deadline)
-        try:
-            if bench.run(args):
-                failed.append(label)
-        except Exception as error:  # noqa: BLE001 -- one broken group must not cost the others
-            print(f"{label} failed: {type(error).__name__}: {error}", flush=True)
+        if not run_bench(label, shape, layers, methods, ns, device, ns.results / f"{label}.json", deadline):
             failed.append(label)
         if ns.pack:
             pack(ns.results, ns.pack)

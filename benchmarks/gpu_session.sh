@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session's measurements (benchmarks/gpu_session.py: the groups, most wanted first, in one process).
+# One GPU session's measurements (benchmarks/gpu_session.py: the groups, most wanted first, each in its own process).
 # Run on the device machine from the repository root, after ../shared/gpu/wheels.sh put the bitsandbytes and
 # apollo-torch wheels in .whl/ (carry ".whl"):
 #

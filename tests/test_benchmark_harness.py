@@ -120,6 +120,15 @@ def test_a_failing_case_is_recorded_and_the_next_one_runs(tmp_path, capsys):
     assert "broken failed" in capsys.readouterr().err
 
 
+def test_no_case_starts_after_the_budget(tmp_path):
+    """gpu_session.py gives each group's process what is left of the session's budget."""
+    out = tmp_path / "b.json"
+    assert cli(["bench", "--shape", "tiny", "--device", "cpu", "--methods", "sgd", "adamw", "--budget", "0",
+                "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["results"] == [{"method": "sgd", "skipped": "out of time"},
+                                                      {"method": "adamw", "skipped": "out of time"}]
+
+
 def benchmark_script(name: str):
     """A script of benchmarks/ (not a package) loaded as a module."""
     import importlib.util

@@ -322,6 +322,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", type=Path, help="JSON file; the PNG goes next to it")
+    p.add_argument("--budget", type=float, help="seconds after which no new case starts (the rest are recorded as "
+                                                "skipped)")
     p.add_argument("--estimate-only", action="store_true",
                    help="no training: each case's peak as `trainer-plugins estimate` predicts it for a CUDA GPU "
                         "(meta device, no weights, no GPU needed); bfloat16 unless --dtype")
@@ -354,7 +356,8 @@ def run(ns, host=None) -> int:
         "warmup": ns.warmup, "steps": ns.steps, "results": [],
     }
     ns.out.parent.mkdir(parents=True, exist_ok=True)
-    deadline = getattr(ns, "deadline", None)  # time.monotonic() after which no new case starts (gpu_session.py)
+    budget = getattr(ns, "budget", None)
+    deadline = None if budget is None else time.monotonic() + budget
     failed = 0
     for name in chosen:
         if deadline is not None and time.monotonic() > deadline:
