@@ -5,7 +5,8 @@ Eval loss / perplexity on held-out stdlib modules of
   - LoRA r8 on all projections (peft, through loram with nothing pruned: the same code as plain LoRA)
   - MEFT1 (recipes/smollm2-135m/meft.yaml: LoRA r8 inside each layer + an adapter of dimension 8 in G)
 and the ablations: no G adapter (LoRA only, the coupling alone), gamma 1/8 (further from the
-pretrained model at the start).
+pretrained model at the start); MEFT's learning rate (5e-4, the recipe's, to 1e-2) against LoRA's best
+(5e-3, from benchmarks/lst_quality.py's sweep), and both at their best rates with two more seeds.
 Both methods train with the same learning rate, schedule and batches; trainable counts come from each
 run's memory report.
 
@@ -39,7 +40,11 @@ BEST_LORA_RATE = "5e-3"  # lst_quality.py's sweep; these commands are that scrip
 SEEDS = (1, 2)
 RUNS[f"lora_r8_lr{BEST_LORA_RATE}"] = [*LORA_R8, "--learning_rate", BEST_LORA_RATE, "--output_dir",
                                       f"outputs/smollm2-135m-lora-r8-lr{BEST_LORA_RATE}"]
+BEST_MEFT_RATE = "5e-3"  # the sweep's best (the summary says which is)
 for seed in SEEDS:
+    RUNS[f"meft1_lr{BEST_MEFT_RATE}_seed{seed}"] = [MEFT, *SAME_EVAL, "--learning_rate", BEST_MEFT_RATE, "--seed",
+                                                   str(seed), "--output_dir",
+                                                   f"outputs/smollm2-135m-meft-lr{BEST_MEFT_RATE}-seed{seed}"]
     RUNS[f"lora_r8_lr{BEST_LORA_RATE}_seed{seed}"] = [*LORA_R8, "--learning_rate", BEST_LORA_RATE, "--seed", str(seed),
                                                      "--output_dir", f"outputs/smollm2-135m-lora-r8-lr{BEST_LORA_RATE}-seed{seed}"]
 
@@ -64,6 +69,22 @@ def main():
         "meft_vs_lora_train_time": round(table["meft1"]["train_seconds"] / table["lora_r8"]["train_seconds"], 2),
         "meft_improves_on_untouched": meft < table["untouched"]["eval_loss"],
     }
+    best = min(MEFT_LEARNING_RATES, key=lambda lr: table[MEFT_LEARNING_RATES[lr]]["eval_loss"])
+    best_lora = table[f"lora_r8_lr{BEST_LORA_RATE}"]["eval_loss"]
+    result["summary"].update({
+        "meft_eval_loss_by_learning_rate": {lr: table[name]["eval_loss"] for lr, name in MEFT_LEARNING_RATES.items()},
+        "best_meft_learning_rate": best,
+        "best_meft_vs_best_lora_eval_loss": round(table[MEFT_LEARNING_RATES[best]]["eval_loss"] / best_lora, 4),
+    })
+    pairs = {42: (MEFT_LEARNING_RATES[BEST_MEFT_RATE], f"lora_r8_lr{BEST_LORA_RATE}")}
+    pairs.update({seed: (f"meft1_lr{BEST_MEFT_RATE}_seed{seed}", f"lora_r8_lr{BEST_LORA_RATE}_seed{seed}")
+                  for seed in SEEDS})
+    ratios = {seed: round(table[m]["eval_loss"] / table[lora]["eval_loss"], 4) for seed, (m, lora) in pairs.items()}
+    result["summary"].update({
+        "seed_runs_at_learning_rates": {"meft": BEST_MEFT_RATE, "lora": BEST_LORA_RATE},
+        "meft_vs_lora_per_seed": ratios,
+        "meft_vs_lora_mean_over_seeds": round(sum(ratios.values()) / len(ratios), 4),
+    })
     print(json.dumps({"table": table, "summary": result["summary"]}, indent=2))
     Path(ns.out).write_text(json.dumps(result, indent=2) + "\n")
 
