@@ -5,7 +5,9 @@ GPU) instead of by arithmetic. This script counts and times that on a CPU, where
 GPU: the bench's Llama shape at its depth but negligible width (hidden 128, sequence 16), so the step time is
 almost all per-operator overhead.
 
-- ``step_ms``: median forward + backward + optimizer step per method (single thread, methods taking turns).
+- ``step_ms``: median forward + backward + optimizer step per method (single thread, methods taking turns; AdamW
+  fused and autocast where the method has it, as the bench runs them on a GPU; compiled methods after their
+  compiling steps).
 - ``optimizer_step``: the optimizer step alone (gradients in place, interleaved rounds): fused AdamW's and
   APOLLO-Mini's, with the group's state packed by shape (the default) and on the per-weight path (the fallback
   for weights that differ in dtype or device); median milliseconds and top-level operators dispatched.
@@ -43,7 +45,9 @@ def build(name: str, layers: int, shape: dict = SHAPE):
     method = bench.methods()["apollo-mini" if one_at_a_time else name]
     torch.manual_seed(0)
     model = bench.prepared_model(method, dict(shape, num_hidden_layers=layers), "cpu", torch.float32)
-    optimizer = (method.optimizer or bench.adamw_over_trainable)(model, 1e-4)
+    # AdamW fused, as the bench runs it on a GPU (on a CPU the bench's AdamW loops over the tensors one by one)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = method.optimizer(model, 1e-4) if method.optimizer else torch.optim.AdamW(trainable, 1e-4, fused=True)
     if one_at_a_time:
         from trainer_plugins_apollo.optimizer import register_layerwise_hooks
 
@@ -57,13 +61,16 @@ def step_ms(names: list[str], layers: int, repeats: int) -> dict[str, float]:
     built = {name: build(name, layers) for name in names}
     tokens = torch.randint(0, SHAPE["vocab_size"], (SHAPE["batch"], SHAPE["seq"]))
     times = {name: [] for name in names}
-    for i in range(repeats + 2):
+    autocast = {name: bench.methods()[name.replace("-batch-1", "")].autocast for name in names}  # as the bench runs them
+    for i in range(repeats + 3):  # compiled methods compile in the first steps
         for name, (model, optimizer) in built.items():
             start = time.perf_counter()
-            model(input_ids=tokens, labels=tokens).loss.backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast[name]):
+                loss = model(input_ids=tokens, labels=tokens).loss
+            loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if i >= 2:
+            if i >= 3:
                 times[name].append(time.perf_counter() - start)
     return {name: round(statistics.median(t) * 1000, 1) for name, t in times.items()}
 
@@ -117,7 +124,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--methods", nargs="+",
-                   default=["adamw", "lora-r16", "lst", "meft", "apollo-mini", "apollo-mini-layerwise",
+                   default=["adamw", "lora-r16", "lst", "lst-compile", "lst-full-heads-autocast-compile",
+                            "lst-full-heads-every-2-autocast-compile", "meft", "apollo-mini", "apollo-mini-layerwise",
                             "apollo-mini-layerwise-batch-1"])
     p.add_argument("--out", type=Path, required=True)
     ns = p.parse_args(argv)
