@@ -39,8 +39,9 @@ OPTIMIZER_SHAPE = dict(SHAPE, hidden_size=32, intermediate_size=64, num_attentio
 
 
 def build(name: str, layers: int, shape: dict = SHAPE):
-    """A bench method's model and optimizer; ``apollo-mini-layerwise-batch-1``: layer-wise APOLLO-Mini updating
-    one weight at a time (``apollo_layerwise_batch: 1``, the only way before batches)."""
+    """A bench method's model, optimizer and whether it runs under autocast; ``apollo-mini-layerwise-batch-1``:
+    layer-wise APOLLO-Mini updating one weight at a time (``apollo_layerwise_batch: 1``, the only way before
+    batches)."""
     one_at_a_time = name == "apollo-mini-layerwise-batch-1"
     method = bench.methods()["apollo-mini" if one_at_a_time else name]
     torch.manual_seed(0)
@@ -52,7 +53,7 @@ def build(name: str, layers: int, shape: dict = SHAPE):
         from trainer_plugins_apollo.optimizer import register_layerwise_hooks
 
         register_layerwise_hooks(model.parameters(), optimizer, batch=1)
-    return model, optimizer
+    return model, optimizer, method.autocast
 
 
 def step_ms(names: list[str], layers: int, repeats: int) -> dict[str, float]:
@@ -61,11 +62,10 @@ def step_ms(names: list[str], layers: int, repeats: int) -> dict[str, float]:
     built = {name: build(name, layers) for name in names}
     tokens = torch.randint(0, SHAPE["vocab_size"], (SHAPE["batch"], SHAPE["seq"]))
     times = {name: [] for name in names}
-    autocast = {name: bench.methods()[name.replace("-batch-1", "")].autocast for name in names}  # as the bench runs them
     for i in range(repeats + 3):  # compiled methods compile in the first steps
-        for name, (model, optimizer) in built.items():
+        for name, (model, optimizer, autocast) in built.items():
             start = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast[name]):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # as the bench runs the method
                 loss = model(input_ids=tokens, labels=tokens).loss
             loss.backward()
             optimizer.step()
@@ -86,10 +86,10 @@ def optimizer_steps(layers: int, rounds: int) -> dict:
     cases = {}
     for case in ("adamw-fused", "apollo-mini", "apollo-mini-per-weight"):
         if case == "adamw-fused":
-            model, _ = build("adamw", layers, OPTIMIZER_SHAPE)
+            model, _, _ = build("adamw", layers, OPTIMIZER_SHAPE)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         else:
-            model, optimizer = build("apollo-mini", layers, OPTIMIZER_SHAPE)
+            model, optimizer, _ = build("apollo-mini", layers, OPTIMIZER_SHAPE)
         model(input_ids=tokens, labels=tokens).loss.backward()
         cases[case] = optimizer
 

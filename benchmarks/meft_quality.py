@@ -7,8 +7,8 @@ Eval loss / perplexity on held-out stdlib modules of
 and the ablations: no G adapter (LoRA only, the coupling alone), gamma 1/8 (further from the
 pretrained model at the start); MEFT's learning rate (5e-4, the recipe's, to 1e-2) against LoRA's best
 (5e-3, from benchmarks/lst_quality.py's sweep), and both at their best rates with two more seeds.
-Both methods train with the same learning rate, schedule and batches; trainable counts come from each
-run's memory report.
+Runs compared with each other share their learning rate (unless the rate is what is compared), schedule and
+batches; trainable counts come from each run's memory report.
 
     python benchmarks/meft_quality.py [--steps N] [--skip-train] [--only NAME...] [--out PATH]
 """
