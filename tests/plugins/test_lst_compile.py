@@ -29,12 +29,12 @@ def cycles():
             for s in range(16)]
 
 
-def lst_model(compile: bool, cuda_graphs: bool = False):
+def lst_model(compile: bool, cuda_graphs: bool = False, layer_ids=(0, 1, 2, 3)):
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(**SHAPE))
     model.requires_grad_(False)
     # merge none and an open gate: every side weight, the gates included, gets a real gradient
-    side = build(model, SideSettings(reduction=4, layer_ids=list(range(4)), merge="none", alpha=0.3))
+    side = build(model, SideSettings(reduction=4, layer_ids=list(layer_ids), merge="none", alpha=0.3))
     torch.manual_seed(1)
     init_random(model, side)
     attach(model, side, families.layers_of(model), compile=compile, cuda_graphs=cuda_graphs)
@@ -99,6 +99,22 @@ def test_compiled_steps_equal_eager_steps_with_far_fewer_ops():
     assert cached.shape == (1, 12)
     detach(model)
     assert not any("forward" in vars(layer) for layer in families.layers_of(model))
+
+
+def test_with_layer_dropping_compiled_steps_equal_eager_steps():
+    """Side blocks on every 2nd layer (lst_layers every:2): the layers without a rung run compiled too, and the
+    side stream passes them by."""
+    models = {mode: lst_model(compile=mode == "compiled", layer_ids=(1, 3)) for mode in ("eager", "compiled")}
+    assert all("forward" in vars(layer) for layer in families.layers_of(models["compiled"]))  # all 4 compiled
+    for step in range(2):
+        grads = {}
+        for mode, model in models.items():
+            model(input_ids=IDS, labels=IDS).loss.backward()
+            grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            model.zero_grad(set_to_none=True)
+        assert set(grads["compiled"]) == set(grads["eager"]) and "lst_side.steps.1.alpha" in grads["eager"]
+        for name, grad in grads["eager"].items():
+            torch.testing.assert_close(grads["compiled"][name], grad, rtol=1e-4, atol=1e-6)
 
 
 def test_cuda_graph_mode_compiles_for_cuda_graphs_and_accumulates_in_buffers_of_its_own(monkeypatch):
