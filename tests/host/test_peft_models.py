@@ -75,9 +75,9 @@ def test_trls_peft_config_is_refused_by_a_plugin_that_brings_its_own_adapters(tm
     with pytest.raises(PluginConfigError, match=r"plugin 'loram': cannot train the trainer's peft_config: LoRAM "
                                                 r".+; drop peft_config$"):
         plugin_sft_trainer()(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
-                         train_dataset=Dataset.from_dict({"text": ["def f(x):\n    return x\n"] * 8}),
-                         processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
-                         peft_config=LoraConfig(r=4, target_modules=["q_proj"]))
+                             train_dataset=Dataset.from_dict({"text": ["def f(x):\n    return x\n"] * 8}),
+                             processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+                             peft_config=LoraConfig(r=4, target_modules=["q_proj"]))
 
 
 def test_list_says_which_plugins_need_the_plain_model(capsys):
