@@ -79,7 +79,8 @@ def summarise(groups: dict[str, dict], leak_after: str | None) -> dict:
     measured = [r for r in rows if "peak_gib" in r and r.get("estimate") != "eager"]
     first = next(iter(groups.values()))
     return {
-        "device": first["device"], "torch": first["torch"], "dtype": first["dtype"], "date": first["date"],
+        "device": first["device"], "torch": first["torch"], "versions": first.get("versions"), "dtype": first["dtype"],
+        "date": first["date"],
         "steps": f"{first['warmup']} warm-up + {first['steps']} timed (median step time)",
         "leftover_correction": {
             "after_group": leak_after, "offset_gib": round(offset, 3),

@@ -174,6 +174,24 @@ def methods(host=None) -> dict[str, BenchMethod]:
     return out
 
 
+# What a measured memory or speed figure depends on besides the device: recorded with every bench result, so
+# that a later comparison with an estimate can tell whether it runs the same code (tests skip where it does not).
+MEASURED_WITH = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "deepspeed", "apollo-torch")
+
+
+def package_versions(dists=MEASURED_WITH) -> dict:
+    """The installed version of each distribution, "not installed" for those missing."""
+    import importlib.metadata
+
+    versions = {}
+    for dist in dists:
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions
+
+
 def build_model(shape: dict, device: str, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -351,7 +369,7 @@ def run(ns, host=None) -> int:
         "shape": ns.shape, "config": shape, "dtype": str(dtype).replace("torch.", ""),
         "device": ("estimate for a CUDA GPU (meta device)" if estimate_only else
                    torch.cuda.get_device_name(0) if ns.device.startswith("cuda") else f"cpu ({platform.processor()})"),
-        "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(), "torch": torch.__version__, "versions": package_versions(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "warmup": ns.warmup, "steps": ns.steps, "results": [],
     }

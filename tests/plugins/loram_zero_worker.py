@@ -17,7 +17,7 @@ sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # skip the CPU 
 from transformers import LlamaForCausalLM  # noqa: E402
 
 from trainer_plugins import PluginTrainer, PluginTrainingArguments  # noqa: E402
-from helpers import counting_dataset, losses, run_worker_jobs  # noqa: E402
+from helpers import TWO_RANKS, counting_dataset, losses, run_worker_jobs  # noqa: E402
 from test_loram import COMMON, LORAM  # noqa: E402
 
 
@@ -29,7 +29,7 @@ def main(stage: str, out: str, model_dir: str):
     if stage != "ddp":
         ds = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_clipping": "auto",
               "zero_optimization": {"stage": int(stage), "stage3_gather_16bit_weights_on_model_save": True}}
-    args = PluginTrainingArguments(output_dir=out, deepspeed=ds, **{**COMMON, **LORAM, "per_device_train_batch_size": 2})
+    args = PluginTrainingArguments(output_dir=out, deepspeed=ds, **{**COMMON, **LORAM, **TWO_RANKS, "per_device_train_batch_size": 2})
     trainer = PluginTrainer(model=model, args=args, train_dataset=counting_dataset())
     trainer.train()
     trainer.save_model()  # ZeRO-3: the adapter comes from the gathered state dict

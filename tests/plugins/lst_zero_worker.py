@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from trainer_plugins import PluginTrainer, PluginTrainingArguments  # noqa: E402
 from trainer_plugins_lst import side_of  # noqa: E402
-from helpers import losses, run_worker_jobs  # noqa: E402
+from helpers import TWO_RANKS, losses, run_worker_jobs  # noqa: E402
 from test_lst import COMMON, LST, cycles  # noqa: E402
 
 
@@ -31,7 +31,7 @@ def main(stage: str, out: str, model_dir: str):
     if stage != "ddp":
         ds = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_clipping": "auto",
               "zero_optimization": {"stage": int(stage), "stage3_gather_16bit_weights_on_model_save": True}}
-    args = PluginTrainingArguments(output_dir=out, deepspeed=ds, **{**COMMON, **LST, "per_device_train_batch_size": 2},
+    args = PluginTrainingArguments(output_dir=out, deepspeed=ds, **{**COMMON, **LST, **TWO_RANKS, "per_device_train_batch_size": 2},
                                    lst_compile=variant == "compile")
     if stage == "3":
         from trainer_plugins.models import _init_deepspeed_comm

@@ -21,7 +21,7 @@ from transformers import LlamaForCausalLM  # noqa: E402
 from trainer_plugins import PluginTrainer, PluginTrainingArguments  # noqa: E402
 from trainer_plugins.models import tiny_llama_config  # noqa: E402
 from trainer_plugins_sparse.plugin import sparse_state  # noqa: E402
-from helpers import counting_dataset, losses, run_worker_jobs  # noqa: E402
+from helpers import TWO_RANKS, counting_dataset, losses, run_worker_jobs  # noqa: E402
 from test_sparse import COMMON, SPARSE  # noqa: E402
 
 
@@ -35,7 +35,7 @@ def main(stage: str, out: str, *flags: str):
         ds = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_clipping": "auto",
               "zero_optimization": zero}
     args = PluginTrainingArguments(output_dir=out, deepspeed=ds,
-                                   **{**COMMON, **SPARSE, "per_device_train_batch_size": 2, "max_steps": 16, **extra})
+                                   **{**COMMON, **SPARSE, **TWO_RANKS, "per_device_train_batch_size": 2, "max_steps": 16, **extra})
     torch.manual_seed(0)
     trainer = PluginTrainer(model=LlamaForCausalLM(tiny_llama_config()), args=args, train_dataset=counting_dataset())
     trainer.train()

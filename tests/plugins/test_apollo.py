@@ -207,9 +207,9 @@ def test_layerwise_refusals(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_two_processes_ddp_equal_one_process(tmp_path):
     """DDP: the gradients are all-reduced before the step and the projections are seeded, so every rank
-    takes the single process's step."""
+    takes the single process's step, bit for bit (helpers.as_one_process)."""
     from helpers import two_processes_equal_one
 
     flags = dict(COMMON, apollo="mini", apollo_update_proj_gap=3, max_steps=8, learning_rate=1e-2)
     dist, plain = two_processes_equal_one(tmp_path, "ddp", flags, "model.safetensors")
-    assert dist == pytest.approx(plain, rel=1e-4)
+    assert dist == pytest.approx(plain, rel=1e-6)  # the same steps; only the logged mean's rounding may differ

@@ -14,7 +14,8 @@ from trainer_plugins.models import tiny_llama_config
 from trainer_plugins.recipes import load_recipe, run_recipe
 from trainer_plugins_loram.pruning import INDEX_FILE, PruningPlan
 from trainer_plugins_loram.storage import load_pruned_model
-from helpers import (ROOT, counting_dataset, four_bit_two_processes_equal_one, losses, save_tiny_llama,
+from helpers import (ROOT, as_one_process, assert_weights_match, counting_dataset, four_bit_two_processes_equal_one,
+                     losses, one_thread, save_tiny_llama,
                      shared_torchrun, torchrun_cli, zero_recipe)
 
 SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
@@ -227,16 +228,15 @@ def test_refusals_that_need_the_model_config_or_setup(model_dir, tmp_path, deeps
 def test_two_processes_equal_one_process_and_save_a_complete_adapter(model_dir, stage, tmp_path, request):
     out = shared_torchrun(request, ROOT / "tests" / "plugins" / "loram_zero_worker.py",  # every stage in one launch
                           lambda params, directory: [params["stage"], directory, model_dir])
-    plain = trainer_for(model_dir, tmp_path / "plain")
-    plain.train()
-    plain.save_model()
+    with one_thread():
+        plain = trainer_for(model_dir, tmp_path / "plain", **as_one_process({}))
+        plain.train()
+        plain.save_model()
     record = json.loads((out / "record.json").read_text())
-    assert record["losses"] == pytest.approx(losses(plain), rel=1e-5)
+    assert record["losses"] == pytest.approx(losses(plain), rel=1e-6 if stage == "ddp" else 1e-5)
     ours = load_file(str(out / "adapter_model.safetensors"))
-    reference = load_file(str(tmp_path / "plain" / "adapter_model.safetensors"))
-    assert ours.keys() == reference.keys() and len(ours) == 4 * 7 * 2  # complete, never empty (peft#297)
-    for key in ours:
-        torch.testing.assert_close(ours[key], reference[key], rtol=1e-4, atol=1e-5)
+    assert len(ours) == 4 * 7 * 2  # complete, never empty (peft#297)
+    assert_weights_match(ours, load_file(str(tmp_path / "plain" / "adapter_model.safetensors")), stage == "ddp")
 
 
 @pytest.mark.slow

@@ -16,7 +16,8 @@ from trainer_plugins.models import tiny_llama_config
 from trainer_plugins.recipes import load_recipe, run_recipe
 from trainer_plugins_lst import load, side_of
 from trainer_plugins_lst.plugin import CONFIG_NAME, WEIGHTS_NAME, _check_cuda_graphs
-from helpers import ROOT, four_bit_two_processes_equal_one, losses, save_tiny_llama, shared_torchrun
+from helpers import (ROOT, as_one_process, assert_weights_match, four_bit_two_processes_equal_one, losses, one_thread,
+                     save_tiny_llama, shared_torchrun)
 
 SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
 COMMON = dict(per_device_train_batch_size=4, logging_steps=1, report_to=[], use_cpu=True, seed=0, learning_rate=1e-2,
@@ -288,16 +289,15 @@ def test_two_processes_equal_one_process_and_save_the_side_network(model_dir, op
 
     out = shared_torchrun(request, ROOT / "tests" / "plugins" / "lst_zero_worker.py",  # every stage in one launch
                           lambda params, directory: [params["stage"], directory, backbone(params["stage"])])
-    plain = trainer_for(backbone(stage), tmp_path / "plain")
-    plain.train()
-    plain.save_model()
+    with one_thread():
+        plain = trainer_for(backbone(stage), tmp_path / "plain", **as_one_process({}))
+        plain.train()
+        plain.save_model()
+    exact = stage == "ddp"  # ZeRO and compiled kernels round in orders of their own (helpers.TWO_RANKS)
     record = json.loads((out / "record.json").read_text())
-    assert record["losses"] == pytest.approx(losses(plain), rel=1e-5)
+    assert record["losses"] == pytest.approx(losses(plain), rel=1e-6 if exact else 1e-5)
     assert record["compiled_layers"] == (plain.model.config.num_hidden_layers if "compile" in str(stage) else 0)
-    ours, reference = load_file(str(out / WEIGHTS_NAME)), load_file(str(tmp_path / "plain" / WEIGHTS_NAME))
-    assert ours.keys() == reference.keys()
-    for key in ours:
-        torch.testing.assert_close(ours[key], reference[key], rtol=1e-4, atol=1e-5)
+    assert_weights_match(load_file(str(out / WEIGHTS_NAME)), load_file(str(tmp_path / "plain" / WEIGHTS_NAME)), exact)
 
 
 @pytest.mark.slow

@@ -158,13 +158,13 @@ def test_unsupported_architecture(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["ddp", 2])
 def test_two_processes_equal_one_process(stage, tmp_path, request):
-    """2 ranks x batch 2 = 1 process x batch 4: the coupling's backward hands its gradients to autograd,
-    so DDP's and ZeRO-2's gradient hooks reduce them like any other."""
+    """2 ranks x batch 2 = 1 process x 2 micro-batches of 2, bit for bit (helpers.as_one_process): the coupling's
+    backward hands its gradients to autograd, so DDP's and ZeRO-2's gradient hooks reduce them like any other."""
     from helpers import two_processes_equal_one
 
     flags = dict(COMMON, meft="meft1", max_steps=8, learning_rate=3e-2)
     dist, plain = two_processes_equal_one(tmp_path, stage, flags, "adapter_model.safetensors", request)
-    assert dist == pytest.approx(plain, rel=1e-4)  # reduction order: see test_sparse
+    assert dist == pytest.approx(plain, rel=1e-6)  # the same steps; only the logged mean's rounding may differ
 
 
 def four_bit_llama(model_dir):
