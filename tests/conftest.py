@@ -7,6 +7,18 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "host"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# torch.compile's on-disk cache keys its C++ kernels without the CPU capability that ATEN_CPU_CAPABILITY /
+# ONEDNN_MAX_CPU_ISA / MKL_ENABLE_INSTRUCTIONS select (README, Tests): kernels written under one setting and loaded
+# under another gave losses of 0.0 or heap corruption (torch 2.13, LST compiled under torchrun). One cache per
+# setting (torchrun workers inherit it), unless the caller chose one.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import getpass
+    import tempfile
+
+    _isa = "-".join(os.environ.get(k, "default") for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+                                                           "MKL_ENABLE_INSTRUCTIONS"))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tempfile.gettempdir(),
+                                                         f"torchinductor-tests-{getpass.getuser()}", _isa)
 
 
 @pytest.fixture

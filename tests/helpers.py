@@ -140,10 +140,10 @@ def assert_weights_match(ours: dict, reference: dict, exact: bool) -> None:
     """The tensors a two-rank run saved against its one-process reference's. ``exact`` (DDP): the runs made the
     same float operations, so every tensor is equal bit for bit. Otherwise (ZeRO; APOLLO's norms summed across
     ranks; compiled kernels) the engine rounds in an order of its own, last-bit differences that training
-    amplifies (seen: up to 5e-5 after 8 AdamW steps): each tensor within rtol 1e-3 / atol 1e-4, but for at most
-    1 in 10,000 of its elements (at least one) where Adam's or APOLLO's per-element normalisation turned a
-    near-zero gradient's rounding into a visible step. A lost gradient shard moves most elements
-    (tests/test_two_rank_comparison.py checks that it fails)."""
+    amplifies: each tensor within rtol 1e-3 / atol 1e-4, but for at most 1% of its elements (at least one),
+    where Adam's or APOLLO's per-element normalisation turned a near-zero gradient's rounding into a visible step
+    (seen: up to 0.35%, lm_head after 16 steps of ZeRO-3 with AVX2 kernels). A lost gradient shard moves far
+    more (seen: 21% to 99% of each tensor; tests/test_two_rank_comparison.py checks that it fails)."""
     import torch
 
     assert ours.keys() == reference.keys() and len(ours) > 0, (sorted(ours), sorted(reference))
@@ -155,7 +155,7 @@ def assert_weights_match(ours: dict, reference: dict, exact: bool) -> None:
                                        f"{float((a.float() - b.float()).abs().max()):.3g}; expected the same bits")
             continue
         far = ~torch.isclose(a.float(), b.float(), rtol=1e-3, atol=1e-4)
-        allowed = max(1, a.numel() // 10_000)
+        allowed = max(1, a.numel() // 100)
         assert int(far.sum()) <= allowed, (f"{key}: {int(far.sum())} of {a.numel()} elements differ beyond rtol 1e-3 / "
                                            f"atol 1e-4 (at most {allowed} may), by up to "
                                            f"{float((a.float() - b.float()).abs().max()):.3g}")

@@ -2,6 +2,7 @@
 writes its report. Speed numbers come from GPU runs committed under benchmarks/results/; what a CPU run does
 check is `trainer-plugins estimate` against the allocator's peak (profiler) for every method."""
 
+import importlib.metadata
 import json
 import re
 
@@ -43,6 +44,8 @@ def test_every_method_runs_and_the_report_is_complete(group, tmp_path):
     assert names == chosen
     for key in ("device", "date", "command", "torch", "shape", "dtype"):
         assert report[key]
+    assert report["versions"]["peft"] == importlib.metadata.version("peft")  # what an estimate compares under
+    assert set(report["versions"]) >= {"torch", "transformers", "peft", "bitsandbytes", "deepspeed"}
     for r in report["results"]:
         assert r["median_step_s"] > 0 and r["tokens_per_s"] > 0 and r["param_gib"] > 0
         assert r["estimate_gib"] >= r["param_gib"]  # every case can be estimated (meta device)
@@ -144,8 +147,8 @@ def test_gpu_summary_measures_the_leftover_offset_from_repeated_cases(tmp_path):
     summary_module = benchmark_script("gpu_summary")
 
     def report(shape, rows):
-        return {"shape": shape, "device": "GPU", "torch": "2.x", "dtype": "bfloat16", "date": "d", "warmup": 1,
-                "steps": 1, "results": [dict(method=m, layers=2, peak_gib=p, activation_gib=1.0, param_gib=0.5,
+        return {"shape": shape, "device": "GPU", "torch": "2.x", "versions": {"peft": "0.x"}, "dtype": "bfloat16",
+                "date": "d", "warmup": 1, "steps": 1, "results": [dict(method=m, layers=2, peak_gib=p, activation_gib=1.0, param_gib=0.5,
                                              median_step_s=0.1, tokens_per_s=10.0, estimate_gib=e)
                                         for m, p, e in rows]}
 
@@ -155,6 +158,7 @@ def test_gpu_summary_measures_the_leftover_offset_from_repeated_cases(tmp_path):
               "loram-1b": report("1b", [("lora", 10.0, 8.0)]),
               "lst-1b": report("1b", [("adamw", 12.0, 10.0)])}
     s = summary_module.summarise(groups, "apollo-1b")
+    assert s["versions"] == {"peft": "0.x"}  # tests compare estimates with the figures only under these
     assert s["leftover_correction"]["offset_gib"] == 2.0
     peaks = {(r["group"], r["method"]): r["peak_gib"] for r in s["results"]}
     assert peaks[("meft-1b", "adamw")] == 10.0 and peaks[("lst-7b", "adamw")] == 50.0

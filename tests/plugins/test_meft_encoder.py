@@ -82,11 +82,19 @@ def test_mean_output_is_the_papers_and_does_not_start_at_the_pretrained_encoder(
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("gamma, stream, segment, tol", [
-    (0.03125, "float64", 4, 0.0),  # the defaults: bit for bit
-    (0.1, "float64", 4, 1e-3),  # the paper's 0.1 (meft3 divides by 0.1 twice per layer: ~4e-4)
+@pytest.mark.parametrize("gamma, stream, segment", [
+    (0.03125, "float64", 4),  # the defaults: bit for bit
+    (0.1, "float64", 4),  # the paper's 0.1
+    (0.1, "float64", 2),
 ])
-def test_reversible_backward_equals_plain_autograd(variant, gamma, stream, segment, tol):
+def test_reversible_backward_equals_plain_autograd(variant, gamma, stream, segment):
+    """A power-of-two gamma divides exactly: bit for bit. Otherwise the float64 stream reconstructs each layer's
+    input to within its own rounding, but the layers compute in float32: where a reconstructed input rounds to
+    the neighbouring float32 of the stored one (which elements do depends on the CPU's kernels), that ulp grows
+    by 1/gamma per division, once per layer (meft3: twice), over the segment's layers above its stored input.
+    Seen for meft3 with 4-layer segments: 2e-4 (AVX-512), 7e-4 (SSE), 1.5e-2 (AVX2); a wrong gradient is O(1)."""
+    divisions = 2 if variant == "meft3" else 1
+    tol = 0.0 if gamma == 0.03125 else torch.finfo(torch.float32).eps * gamma ** -(divisions * (segment - 1))
     kw = dict(meft_gamma=gamma, meft_stream_dtype=stream, meft_segment_layers=segment)
     plain = gradients(prepared(args(variant, meft_reversible_layers=0, **kw), layers=6))
     reversible = gradients(prepared(args(variant, **kw), layers=6))
