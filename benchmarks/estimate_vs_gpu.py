@@ -47,7 +47,7 @@ def main(argv=None) -> int:
             (compiled if available[r["method"]].compiled else cases).append(case)
     within = [c for c in cases if 0.9 <= c["estimate_now_vs_peak"] <= 1.1]
     ratios = [c["estimate_now_vs_peak"] for c in cases]
-    summary = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
+    summary = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "versions": bench.package_versions(),
                "command": f"python benchmarks/estimate_vs_gpu.py {ns.run}",
                "within_10_percent": f"{len(within)} of {len(cases)}",
                "range": [min(ratios), max(ratios)] if ratios else None,

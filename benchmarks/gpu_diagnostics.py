@@ -310,7 +310,8 @@ def main(argv=None) -> int:
     result = {"memory": memory, "profile": profile, "step-profile": step_profile, "timing": timing,
               "prune-event": prune_event}[ns.what](
         ns, shape, dtype)
-    report = {"device": torch.cuda.get_device_name(0) if ns.device.startswith("cuda") else "cpu", "tf32": ns.tf32, "torch": torch.__version__, "shape": ns.shape,
+    report = {"device": torch.cuda.get_device_name(0) if ns.device.startswith("cuda") else "cpu", "tf32": ns.tf32, "torch": torch.__version__,
+              "versions": bench.package_versions(), "shape": ns.shape,
               "what": ns.what, "result": result}
     ns.out.parent.mkdir(parents=True, exist_ok=True)
     ns.out.write_text(json.dumps(report, indent=2))

