@@ -342,6 +342,13 @@ class MetaAutocast(torch.overrides.TorchFunctionMode):
         return super().__exit__(*exc)
 
 
+def active_meta_autocast() -> Optional[MetaAutocast]:
+    """The MetaAutocast replaying autocast on the meta device now (None outside one). Code that recomputes in
+    backward under the forward's autocast (MEFT's reversible segments, as checkpointing above) records it beside
+    the real autocast state and re-enters it: ``MetaAutocast(active.dtype, active.device)``."""
+    return _active_autocast[-1]
+
+
 def meta_autocast(dtype: Optional[torch.dtype], device: str = "cuda"):
     """A ``MetaAutocast`` for 16-bit ``dtype``; nothing for None or float32."""
     return MetaAutocast(dtype, device) if dtype not in (None, torch.float32) else contextlib.nullcontext()

@@ -107,7 +107,8 @@ def test_meta_output_cache_keys_layouts_and_skips_what_it_cannot_rebuild():
 AUTOCAST_CASES = {  # trained as with bf16: true; float32 weights unless dtype says otherwise; whether the peak moves
     "full fine-tuning, checkpointing": ({"gradient_checkpointing": True}, True),
     "lst, bfloat16 backbone": ({"lst": True, "dtype": "bfloat16"}, True),
-    "meft": ({"meft": "meft1"}, False),  # its peak is not where the 16-bit copies live
+    "meft": ({"meft": "meft1"}, True),  # the recompute in backward runs under the forward's autocast, 16-bit copies
+    # included (before 2026-12-08 it ran in float32: wrong gradients, and a peak without them)
 }
 
 

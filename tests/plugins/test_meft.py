@@ -50,12 +50,94 @@ def test_reversible_backward_equals_plain_autograd(gamma, stream, segment, tol):
     assert rel_error(reversible, plain) < tol
 
 
+def autocast_gradients(model, dtype):
+    """As the Trainer runs bf16/fp16 training: the forward under autocast, backward after leaving it."""
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=dtype):
+        loss = model(IDS, labels=IDS).loss
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("segment, tol", [(4, 0.0), (6, 1e-3)])
+def test_reversible_backward_under_autocast_equals_plain_autograd(dtype, segment, tol):
+    """The recompute re-enters the forward's autocast state (the Trainer's backward runs outside it): F and G in
+    float32 instead of the forward's 16-bit compute rebuilt other inputs, and 8 divisions by gamma made the
+    gradients noise (seen: 200x off). float64 streams and a power-of-two gamma over the default 4 layers: bit for
+    bit; over 6 (fp16's longest under validation's limit) float64 rounding grown by 32^6 flips a few 16-bit
+    roundings (validation allows 1 in 1000 elements; seen: 5e-5)."""
+    plain = autocast_gradients(prepared(args(meft_reversible_layers=0), layers=8), dtype)
+    reversible = autocast_gradients(prepared(args(meft_segment_layers=segment), layers=8), dtype)
+    assert all(g.abs().sum() > 0 for g in plain.values())
+    assert rel_error(reversible, plain) <= tol
+
+
+def test_bf16_training_through_the_trainer_equals_plain_autograd():
+    """bf16=True on a CPU (use_cpu) runs the Trainer's forward under CPU autocast, as on a GPU: the reversible
+    run trains exactly as the same couplings under plain autograd."""
+    runs = []
+    for kw in ({"meft_reversible_layers": 0}, {}):
+        trainer = PluginTrainer(model=tiny_llama(4), train_dataset=counting_dataset(),
+                                args=args(bf16=True, max_steps=4, learning_rate=1e-2, **kw))
+        assert trainer.accelerator.mixed_precision == "bf16"
+        trainer.train()
+        runs.append((losses(trainer), {n: p.detach().clone() for n, p in trainer.model.named_parameters()
+                                       if p.requires_grad}))
+    (plain_losses, plain), (ours_losses, ours) = runs
+    assert ours_losses == plain_losses
+    assert all(torch.equal(ours[n], plain[n]) for n in plain)
+
+
+@pytest.mark.parametrize("half, kw", [
+    ("bf16", {"meft_stream_dtype": "float32", "meft_segment_layers": 2}),  # seen: 0.9% gradient error
+    ("fp16", {"meft_stream_dtype": "float32", "meft_segment_layers": 1}),  # seen: 0.3%
+    ("bf16", {"meft_segment_layers": 0}),  # float64, all 8 layers in a row; seen: 0.4%
+])
+def test_16bit_compute_refuses_reconstructions_that_flip_16bit_roundings(half, kw):
+    """A rebuilt input off by e rounds to another 16-bit value about e / u16 of the time, an error the divisions
+    below multiply: refused up front when that passes 1 in 1000, with the longest segment that works."""
+    from trainer_plugins_meft.plugin import max_segment_under_autocast
+
+    with pytest.raises(PluginConfigError, match=f"in {half} F and G compute in 16 bits.*meft_segment_layers <= "
+                                                f"{max_segment_under_autocast(0.03125, 1, half)}"):
+        PluginTrainer(model=tiny_llama(8), args=args(**{half: True}, **kw))
+
+
+def test_a_recompute_that_differs_from_the_forward_stops_training(monkeypatch):
+    """The guard: with the recompute outside the forward's autocast state (the bug fixed above), the first
+    backward finds the rebuilt inputs far from the forward's and stops, saying why; it checks the first forward
+    only by default, every one with -1, none with 0."""
+    from trainer_plugins_meft import reversible
+
+    monkeypatch.setattr(reversible, "_autocast_state", lambda device: [])
+    with pytest.raises(reversible.ReconstructionDrift, match="rebuilt a segment's inputs .*meft_stream_dtype"):
+        autocast_gradients(prepared(args(), layers=8), torch.bfloat16)
+    unchecked = prepared(args(meft_check_reconstruction=0), layers=8)
+    autocast_gradients(unchecked, torch.bfloat16)  # noise, unchecked: what the guard is for
+    model = prepared(args(), layers=8)
+    autocast_gradients(model, torch.float32)  # no autocast: the recompute equals the forward
+    autocast_gradients(model, torch.bfloat16)  # the second forward is not checked by default
+
+
+def test_guard_sees_every_segment_and_costs_nothing_after_its_steps():
+    model = prepared(args(meft_check_reconstruction=2, meft_segment_layers=2), layers=8)
+    settings = model.base_model.model.model.layers.settings
+    for _ in range(3):
+        gradients(model)
+    assert settings.check.forwards == 0 and settings.check.worst < 1e-12  # two checked; float64 rounding only
+    assert saved_tensor_bytes(lambda: model(IDS, labels=IDS)) == saved_tensor_bytes(
+        lambda: prepared(args(meft_check_reconstruction=0, meft_segment_layers=2), layers=8)(IDS, labels=IDS))
+
+
 def test_partial_reversibility_and_fp32_error_growth():
     """fp32 streams at gamma 0.1: the error grows with the number of layers reconstructed in a row;
-    keeping the top layers plain (or storing segments) bounds it."""
+    keeping the top layers plain (or storing segments) bounds it. (The reconstruction check, which stops the
+    worst of these, is off: this measures what it guards against.)"""
     def error(**kw):
         plain = gradients(prepared(args(meft_stream_dtype="float32", meft_reversible_layers=0), layers=6))
-        return rel_error(gradients(prepared(args(meft_stream_dtype="float32", **kw), layers=6)), plain)
+        got = gradients(prepared(args(meft_stream_dtype="float32", meft_check_reconstruction=0, **kw), layers=6))
+        return rel_error(got, plain)
 
     full = error(meft_segment_layers=0)
     bottom2 = error(meft_segment_layers=0, meft_reversible_layers=2)

@@ -102,12 +102,42 @@ def test_reversible_backward_equals_plain_autograd(variant, gamma, stream, segme
     assert rel_error(reversible, plain) <= tol
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reversible_backward_under_autocast_equals_plain_autograd(variant, dtype):
+    """The Trainer's bf16/fp16 forward runs under autocast and its backward outside: the recompute re-enters the
+    forward's autocast state (tests/plugins/test_meft.py for decoders), so with the defaults (float64 streams,
+    gamma 1/32, segments of 4) the gradients are plain autograd's under the same autocast, bit for bit. Hidden
+    dropout included; attention dropout is off: with SDPA's attention dropout under 16-bit autocast the gradients
+    differ from plain autograd's by 0.7-4.5% although the forward and the reconstruction are exact (eager
+    attention: exact), not yet explained (notes of 2026-12-08)."""
+    def autocast_gradients(model):
+        model.zero_grad()
+        torch.manual_seed(5)  # the same dropout masks in both runs
+        with torch.autocast("cpu", dtype=dtype):
+            loss = model(IDS, labels=LABELS).loss
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    def model(**kw):
+        torch.manual_seed(0)
+        shape = {**SHAPE, "num_hidden_layers": 6, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.0}
+        return perturb_trainable(meft_plugin.prepare_model(BertForSequenceClassification(BertConfig(**shape)),
+                                                           args(variant, **kw)))
+
+    plain = autocast_gradients(model(meft_reversible_layers=0))
+    reversible = autocast_gradients(model())
+    assert rel_error(reversible, plain) == 0.0
+
+
 def test_fp32_streams_at_the_papers_gamma_lose_meft3_and_segments_bound_it():
     """The paper's setting (lam = beta = 0.1, fp32, one segment) makes meft3's gradients useless after
-    6 layers; stored segments of 2 layers bring them back."""
+    6 layers; stored segments of 2 layers bring them back. (The reconstruction check, which stops the first,
+    is off: this measures what it guards against.)"""
     def error(**kw):
         plain = gradients(prepared(args("meft3", meft_gamma=0.1, meft_reversible_layers=0), layers=6))
-        got = gradients(prepared(args("meft3", meft_gamma=0.1, meft_stream_dtype="float32", **kw), layers=6))
+        got = gradients(prepared(args("meft3", meft_gamma=0.1, meft_stream_dtype="float32",
+                                      meft_check_reconstruction=0, **kw), layers=6))
         return rel_error(got, plain)
 
     assert error(meft_segment_layers=0) > 1.0

@@ -104,7 +104,7 @@ class _ReversibleEncoder(torch.nn.Module):
                 params=[p for p in layer.parameters() if p.requires_grad],
                 reversible=s.reversible_layers is None or i < s.reversible_layers))
         h0 = hidden_states.to(stream)
-        x1, x2 = run_couplings(h0, h0.clone(), couplings, s.segment)
+        x1, x2 = run_couplings(h0, h0.clone(), couplings, s.segment, s.check)
         if s.output == "mean":
             out = (x1 + x2) / 2
         else:  # the chain: y1 (meft1, swapped into x2), y2 (meft2, swapped into x1), y2 (meft3, in x2)

@@ -93,7 +93,7 @@ class _Runner:
         ]
         x = hidden_states.to(stream)
         v = torch.zeros_like(x)
-        v, x = run_couplings(v, x, couplings, self.settings.segment)
+        v, x = run_couplings(v, x, couplings, self.settings.segment, self.settings.check)
         return x.to(dtype)
 
 

@@ -36,6 +36,9 @@ class MeftArguments:
         "help": "Store the streams every N layers so no reconstruction spans more than N layers (0: never)."})
     meft_stream_dtype: str = field(default="float64", metadata={
         "help": "dtype of the two streams (float64, float32 or model); layers still compute in the model's dtype."})
+    meft_check_reconstruction: int = field(default=1, metadata={
+        "help": "Training forwards whose backward compares the inputs it rebuilds with the forward's and stops if "
+                "they drift beyond 1e-3 (relative): the first by default, -1 every one (debugging), 0 none."})
     meft_adapter_dim: int = field(default=8, metadata={"help": "Bottleneck of the adapter in G (0: G = identity)."})
     meft_lora_r: int = field(default=8, metadata={"help": "LoRA rank inside F (the pretrained layers)."})
     meft_lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha."})
@@ -87,6 +90,9 @@ def validate(args, model_args, model_config):
         raise ConfigError(f"meft_reversible_layers must be -1 (all) or >= 0, got {args.meft_reversible_layers}")
     if args.meft_segment_layers < 0:
         raise ConfigError(f"meft_segment_layers must be >= 0, got {args.meft_segment_layers}")
+    if args.meft_check_reconstruction < -1:
+        raise ConfigError(f"meft_check_reconstruction must be -1 (every step), 0 (never) or a number of steps, "
+                          f"got {args.meft_check_reconstruction}")
     if args.meft_stream_dtype not in STREAM_DTYPES:
         raise ConfigError(f"meft_stream_dtype must be one of {STREAM_DTYPES}, got {args.meft_stream_dtype!r}")
     if args.meft_adapter_dim < 0 or args.meft_lora_r < 1:
@@ -119,6 +125,46 @@ def validate(args, model_args, model_config):
             f"meft: the backward would rebuild {divisions} divisions by gamma={args.meft_gamma:g} in a row on {stream} "
             f"streams: rounding grows to ~{growth:.0e} of the values (measured on SmolLM2: such gradients are noise). "
             "Store the streams more often (meft_segment_layers), use meft_stream_dtype float64, or a larger meft_gamma")
+    half = sixteen_bit_compute(args, model_args)
+    if half and growth > FLIP_LIMIT * _ROUNDOFF[_HALF[half]]:
+        longest = max_segment_under_autocast(args.meft_gamma, 2 if args.meft == "meft3" else 1, half)
+        raise ConfigError(
+            f"meft: in {half} F and G compute in 16 bits, and a rebuilt input off by ~{growth:.0e} "
+            f"({divisions} divisions by gamma={args.meft_gamma:g} on {stream} streams) rounds to another 16-bit value "
+            f"in ~{min(1.0, growth / _ROUNDOFF[_HALF[half]]):.1%} of its elements, an error the divisions below "
+            "multiply (measured on a tiny Llama: float64 streams over 8 layers 0.4% gradient error, float32 over 2 "
+            f"layers 1%). Use meft_stream_dtype float64 with meft_segment_layers <= {longest}"
+            + ("" if longest else " (none reach it: use a larger meft_gamma)"))
+
+
+# Under 16-bit autocast a rebuilt input off by e (relative) rounds to another 16-bit value with a probability of
+# about e / u16 (u16: that dtype's unit roundoff), each such flip an error of u16 that the divisions below multiply;
+# keep the flips below 1 in 1000 elements (seen: float64 streams at gamma 1/32 over 4 layers reproduce the forward
+# bit for bit in bf16 and fp16).
+FLIP_LIMIT = 1e-3
+_HALF = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def sixteen_bit_compute(args, model_args) -> str | None:
+    """"bf16" or "fp16" where F and G compute in 16 bits: under the Trainer's autocast, or on 16-bit weights."""
+    from trainer_plugins.models import resolve_dtype
+
+    if getattr(args, "bf16", False) or getattr(args, "fp16", False):
+        return "bf16" if args.bf16 else "fp16"
+    if model_args is None:
+        return None
+    dtype = str(resolve_dtype(getattr(model_args, "dtype", "auto") or "auto")).replace("torch.", "")
+    return {"bfloat16": "bf16", "float16": "fp16"}.get(dtype)
+
+
+def max_segment_under_autocast(gamma: float, divisions_per_layer: int, half: str) -> int:
+    """The longest run of float64-stream layers whose reconstruction stays under FLIP_LIMIT of ``half``'s roundoff."""
+    k = 0
+    while _ROUNDOFF["float64"] * (1 / gamma) ** ((k + 1) * divisions_per_layer) <= FLIP_LIMIT * _ROUNDOFF[_HALF[half]]:
+        k += 1
+        if k > 1000:
+            break
+    return k
 
 
 # unit roundoff of the streams' dtype
@@ -148,7 +194,7 @@ def reconstruction_growth(args, model_args, n_layers: int) -> tuple[float, int, 
 def settings_of(args):
     import torch
 
-    from .reversible import MeftSettings
+    from .reversible import MeftSettings, ReconstructionCheck
 
     dtype = None if args.meft_stream_dtype == "model" else getattr(torch, args.meft_stream_dtype)
     return MeftSettings(
@@ -156,6 +202,7 @@ def settings_of(args):
         reversible_layers=None if args.meft_reversible_layers < 0 else args.meft_reversible_layers,
         segment=args.meft_segment_layers or None,
         stream_dtype=dtype, variant=args.meft, output=args.meft_output,
+        check=ReconstructionCheck(forwards=args.meft_check_reconstruction),
     )
 
 

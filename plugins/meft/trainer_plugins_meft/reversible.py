@@ -27,10 +27,53 @@ reconstruction spans more than one segment.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+
+
+class ReconstructionDrift(RuntimeError):
+    """The reversible backward rebuilt a segment's inputs away from the forward's: its gradients would be noise."""
+
+
+@dataclass
+class ReconstructionCheck:
+    """Compares, during the first ``forwards`` training forwards (-1: every one, 0: none), the inputs each segment's
+    backward rebuilds with those the forward was given, and stops with ReconstructionDrift past ``tolerance``
+    (relative, in the norm): the coupling divides any mismatch by gamma once per layer, so a recompute that differs
+    from the forward (another precision, other randomness, a layer that is not a function of its input) turns
+    the gradients into noise without a sign. A segment's input is the previous segment's output, which autograd
+    keeps anyway; only the first segment's is held for the check, during the checked forwards."""
+
+    forwards: int = 1
+    tolerance: float = 1e-3
+    worst: float = 0.0  # the largest drift seen (relative)
+
+    def take(self) -> bool:
+        """Whether this training forward is checked (counts it)."""
+        if self.forwards == 0:
+            return False
+        self.forwards -= self.forwards > 0
+        return True
+
+    def compare(self, rebuilt, given) -> None:
+        """``rebuilt`` and ``given``: the stream the segment's first F reads (x2). The other one (x1) only enters
+        as lam * x1 and is read by no recompute, so its rebuilt value (the decoders' zero stream gathers the
+        rounding of every division above it) does not touch the gradients."""
+        if given.device.type == "meta":  # the estimate's dry run: shapes without values
+            return
+        drift = float((rebuilt.double() - given.double()).norm() / given.double().norm().clamp_min(1e-30))
+        self.worst = max(self.worst, drift)
+        if drift > self.tolerance:
+            raise ReconstructionDrift(
+                f"meft: the reversible backward rebuilt a segment's inputs {drift:.1e} away from the forward's "
+                f"(relative; tolerance {self.tolerance:g}), so its gradients would be noise. The coupling divides "
+                "any difference by gamma per layer: keep the streams in float64 (meft_stream_dtype), use a "
+                "power-of-two meft_gamma and shorter segments (meft_segment_layers), and make sure every layer "
+                "computes the same function in backward as in forward (no randomness outside torch's RNG, no "
+                "state that changes between the two). meft_check_reconstruction 0 turns this check off.")
 
 
 @dataclass
@@ -43,6 +86,7 @@ class MeftSettings:
     stream_dtype: torch.dtype | None = torch.float64  # None: the model's dtype
     variant: str = "meft1"  # encoders: meft1 | meft2 | meft3 (decoders: meft1)
     output: str = "chain"  # encoders: the stream carrying the pretrained layers' outputs, or "mean" (paper)
+    check: ReconstructionCheck = field(default_factory=ReconstructionCheck)
 
 
 @dataclass
@@ -68,13 +112,16 @@ class Coupling:
         return x1, x2
 
 
-def run_couplings(x1, x2, couplings: Sequence[Coupling], segment: int | None = None):
+def run_couplings(x1, x2, couplings: Sequence[Coupling], segment: int | None = None,
+                  check: ReconstructionCheck | None = None):
     """Run the stack. With autograd on, reversible couplings run in segments of ``segment`` (None: all
-    consecutive reversible couplings in one segment) that store only their outputs."""
+    consecutive reversible couplings in one segment) that store only their outputs; ``check`` compares what
+    their backward rebuilds with what they were given."""
     if not torch.is_grad_enabled():
         for c in couplings:
             x1, x2 = c.forward(x1, x2)
         return x1, x2
+    check = check if check is not None and check.take() else None
     i = 0
     while i < len(couplings):
         if not couplings[i].reversible:
@@ -86,7 +133,7 @@ def run_couplings(x1, x2, couplings: Sequence[Coupling], segment: int | None = N
             j += 1
         block = list(couplings[i:j])
         params = _unique([p for c in block for p in c.params if p.requires_grad])
-        x1, x2 = _ReversibleSegment.apply(x1, x2, block, len(params), *params)
+        x1, x2 = _ReversibleSegment.apply(x1, x2, block, check, *params)
         i = j
     return x1, x2
 
@@ -102,10 +149,12 @@ def _unique(params):
 
 class _ReversibleSegment(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x1, x2, couplings, n_params, *params):
+    def forward(ctx, x1, x2, couplings, check, *params):
         ctx.couplings = couplings
         ctx.params = params
         ctx.rng = []
+        ctx.autocast = _autocast_state(x2.device)
+        ctx.check, ctx.given = check, x2 if check is not None else None
         with torch.no_grad():
             for c in couplings:  # c.forward, recording the RNG state before F and before G
                 f_state = _rng_state(x2.device)
@@ -130,7 +179,7 @@ class _ReversibleSegment(torch.autograd.Function):
             if c.swap:  # the outputs (and their gradients) arrived as (y2, y1)
                 y1, y2, dy1, dy2 = y2, y1, dy2, dy1
             own = [p for p in _unique(c.params) if p.requires_grad]
-            with torch.enable_grad():
+            with torch.enable_grad(), _autocast(ctx.autocast):
                 # y2 = beta*x2 + G(y1): G's gradient flows into y1 and G's parameters
                 y1_leaf = y1.detach().requires_grad_(True)
                 with _replay_rng(g_state, y1.device):
@@ -149,7 +198,38 @@ class _ReversibleSegment(torch.autograd.Function):
             dy2 = c.beta * dy2 + _zero_if_none(got[0], x2)
             dy1 = c.lam * dy1_total
             y1, y2 = x1, x2.detach()
+        if ctx.check is not None:
+            ctx.check.compare(y2, ctx.given)
+            ctx.given = None
         return (dy1, dy2, None, None, *grads)
+
+
+def _autocast_state(device) -> list:
+    """The autocast settings the forward runs under, per device type (as torch.utils.checkpoint records them).
+    Backward runs outside the forward's autocast context (the Trainer calls it after leaving it), so the
+    recompute must re-enter them: F and G in another precision rebuild other inputs, and each division by
+    gamma multiplies the difference (seen: gradients 200x off under bf16)."""
+    if device.type == "meta":  # the estimate's dry run replays autocast itself (no autocast for meta tensors)
+        from trainer_plugins.estimate import active_meta_autocast
+
+        meta = active_meta_autocast()
+        return [("meta", meta.dtype, meta.device)] if meta is not None else []
+    cache = torch.is_autocast_cache_enabled()
+    return [(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind), cache)
+            for kind in dict.fromkeys(("cpu", device.type))]
+
+
+def _autocast(state):
+    stack = contextlib.ExitStack()
+    for kind, *settings in state:
+        if kind == "meta":
+            from trainer_plugins.estimate import MetaAutocast
+
+            stack.enter_context(MetaAutocast(*settings))
+        else:
+            enabled, dtype, cache = settings
+            stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled, cache_enabled=cache))
+    return stack
 
 
 def _zero_if_none(g, like):
