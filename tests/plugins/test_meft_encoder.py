@@ -92,12 +92,14 @@ def test_reversible_backward_equals_plain_autograd(variant, gamma, stream, segme
     input to within its own rounding, but the layers compute in float32: where a reconstructed input rounds to
     the neighbouring float32 of the stored one (which elements do depends on the CPU's kernels), that ulp grows
     by 1/gamma per division, once per layer (meft3: twice), over the segment's layers above its stored input.
-    Seen for meft3 with 4-layer segments: 2e-4 (AVX-512), 7e-4 (SSE), 1.5e-2 (AVX2); a wrong gradient is O(1)."""
+    Seen for meft3 with 4-layer segments: 2e-4 (AVX-512), 7e-4 (SSE), 1.5e-2 (AVX2); a wrong gradient is O(1).
+    The reconstruction check is off: with AVX2 kernels it stops that last case (rebuilt inputs 5e-3 away), and
+    this test measures the error itself."""
     divisions = 2 if variant == "meft3" else 1
     tol = 0.0 if gamma == 0.03125 else torch.finfo(torch.float32).eps * gamma ** -(divisions * (segment - 1))
     kw = dict(meft_gamma=gamma, meft_stream_dtype=stream, meft_segment_layers=segment)
     plain = gradients(prepared(args(variant, meft_reversible_layers=0, **kw), layers=6))
-    reversible = gradients(prepared(args(variant, **kw), layers=6))
+    reversible = gradients(prepared(args(variant, meft_check_reconstruction=0, **kw), layers=6))
     assert any("classifier" in n for n in plain) and any("lora_B" in n for n in plain)
     assert rel_error(reversible, plain) <= tol
 
