@@ -161,8 +161,7 @@ def assert_weights_match(ours: dict, reference: dict, exact: bool) -> None:
                                            f"{float((a.float() - b.float()).abs().max()):.3g}")
 
 
-def two_processes_equal_one(tmp_path, stage, flags: dict, weights_file: str, request=None,
-                            exact: bool | None = None) -> tuple[list, list]:
+def two_processes_equal_one(tmp_path, stage, flags: dict, weights_file: str, request=None) -> tuple[list, list]:
     """Train the tiny Llama with ``flags`` in two processes (torchrun, 2 per rank, DDP or ZeRO-``stage``) and in
     one (two micro-batches of 2: as_one_process); returns both loss curves after checking the saved
     ``weights_file`` agrees (assert_weights_match, exact under DDP). With the ``request``
@@ -181,12 +180,12 @@ def two_processes_equal_one(tmp_path, stage, flags: dict, weights_file: str, req
         run = torchrun(worker, [stage, out, json.dumps(flags)])
         assert run.returncode == 0, run.stderr[-3000:]
     with one_thread():
-        plain = PluginTrainer(model=tiny_llama(), train_dataset=counting_dataset(),
-                              args=PluginTrainingArguments(output_dir=str(tmp_path / "plain"), **as_one_process(flags)))
+        args = PluginTrainingArguments(output_dir=str(tmp_path / "plain"), **as_one_process(flags))
+        plain = PluginTrainer(model=tiny_llama(), train_dataset=counting_dataset(), args=args)
         plain.train()
         plain.save_model()
     assert_weights_match(load_file(str(out / weights_file)), load_file(str(tmp_path / "plain" / weights_file)),
-                         exact=stage == "ddp" if exact is None else exact)
+                         exact=stage == "ddp")
     return json.loads((out / "record.json").read_text())["losses"], losses(plain)
 
 
@@ -313,9 +312,10 @@ def zero_recipe(tmp_path, model_dir, stage: int, run: dict | None = None, **trai
 def four_bit_two_processes_equal_one(request, tmp_path, model_dir, stage, weights_file: str, **train) -> tuple[dict, Path]:
     """A recipe on a 4-bit (NF4, float32 compute) base through the CLI in 2 processes (DDP or ZeRO-``stage``,
     2 sequences per rank) and in one (two micro-batches of 2: as_one_process): same logged losses; the saved
-    ``weights_file`` agrees (assert_weights_match: exact under DDP). Under ZeRO-3 the first process held
-    about half the weights (partitioned, 4-bit ones included). The stages of the calling test (parametrized by ``stage``, the same ``train`` for each) share one launch. Returns the weights
-    the two processes saved and their output directory."""
+    ``weights_file`` agrees (assert_weights_match: exact under DDP). Under ZeRO-3 the first process held about
+    half the weights (partitioned, 4-bit ones included). The stages of the calling test (parametrized by
+    ``stage``, the same ``train`` for each) share one launch. Returns the weights the two processes saved and
+    their output directory."""
     import json
 
     import pytest

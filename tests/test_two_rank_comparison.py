@@ -4,7 +4,6 @@ run that lost one rank's gradient, or never updated one weight, fails both the e
 tolerance that ZeRO's cases use."""
 
 import pytest
-import torch
 from transformers import TrainerCallback
 
 from helpers import as_one_process, assert_weights_match, counting_dataset, one_thread, tiny_llama
