@@ -147,14 +147,18 @@ _HALF = {"bf16": "bfloat16", "fp16": "float16"}
 
 def sixteen_bit_compute(args, model_args) -> str | None:
     """"bf16" or "fp16" where F and G compute in 16 bits: under the Trainer's autocast, or on 16-bit weights."""
-    from trainer_plugins.models import resolve_dtype
-
     if getattr(args, "bf16", False) or getattr(args, "fp16", False):
         return "bf16" if args.bf16 else "fp16"
-    if model_args is None:
+    if model_args is None:  # a model handed over loaded: its dtype is not the recipe's to tell
         return None
-    dtype = str(resolve_dtype(getattr(model_args, "dtype", "auto") or "auto")).replace("torch.", "")
-    return {"bfloat16": "bf16", "float16": "fp16"}.get(dtype)
+    return {"bfloat16": "bf16", "float16": "fp16"}.get(_model_dtype_name(model_args))
+
+
+def _model_dtype_name(model_args) -> str:
+    """The dtype the recipe loads the model in, by name ("auto" resolved as the loader does)."""
+    from trainer_plugins.models import resolve_dtype
+
+    return str(resolve_dtype(getattr(model_args, "dtype", "auto") or "auto")).replace("torch.", "")
 
 
 def max_segment_under_autocast(gamma: float, divisions_per_layer: int, half: str) -> int:
@@ -176,14 +180,12 @@ def reconstruction_growth(args, model_args, n_layers: int) -> tuple[float, int, 
     rebuilt layer divides by gamma (meft3: twice), and the run of rebuilt layers is a segment (or all the
     reversible layers when nothing is stored). A rough bound, but the measured cases agree with it
     (README: float32 streams at gamma 1/32 fail from segments of 4 layers; float64 works)."""
-    from trainer_plugins.models import resolve_dtype
-
     reversible = n_layers if args.meft_reversible_layers < 0 else min(args.meft_reversible_layers, n_layers)
     run = min(args.meft_segment_layers or reversible, reversible)
     divisions = run * (2 if args.meft == "meft3" else 1)
     stream = args.meft_stream_dtype
     if stream == "model":
-        stream = str(resolve_dtype(getattr(model_args, "dtype", "auto") or "auto")).replace("torch.", "")
+        stream = _model_dtype_name(model_args)
     try:
         growth = _ROUNDOFF.get(stream, 2.0 ** -24) * (1 / args.meft_gamma) ** divisions
     except OverflowError:
